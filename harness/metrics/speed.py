@@ -1,0 +1,162 @@
+"""Throughput and peak memory of a variant: train steps and inference, measured apart.
+
+Warm-up steps first, then N timed steps, each closed by a device synchronisation;
+we report the median step time with min and max, samples/s and tokens/s from the
+median, and peak memory.  On CUDA, peak memory is ``max_memory_allocated``; on CPU it
+is the peak resident-set growth over the timed steps (sampled every millisecond),
+and ``peak_mem_source`` says which.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SpeedOptions:
+    batch_size: int = 8
+    warmup: int = 3          # untimed steps (allocator, caches, autotuning, compile)
+    steps: int = 10          # timed steps
+    bf16: bool = False       # torch.autocast(dtype=bfloat16)
+    compile: bool = False    # torch.compile the model first
+    train: bool = True       # time forward + backward + AdamW step
+    infer: bool = True       # time forward under inference_mode
+    seed: int = 0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Samples resident memory in a thread; ``peak - baseline`` in bytes."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.base = self.peak = _rss_bytes()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict that gets ``peak_mem_mb`` and ``peak_mem_source`` on exit."""
+    out: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["peak_mem_source"] = "cuda_max_allocated"
+    else:
+        with _PeakRSS() as p:
+            yield out
+        out["peak_mem_mb"] = p.delta / 2**20
+        out["peak_mem_source"] = "cpu_rss_growth"
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Run ``step()`` warmup + steps times; seconds of each timed step."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(prefix: str, times: list[float], batch_size: int, tokens_per_sample: int) -> dict:
+    med = statistics.median(times)
+    return {
+        f"{prefix}_step_ms_median": med * 1e3,
+        f"{prefix}_step_ms_min": min(times) * 1e3,
+        f"{prefix}_step_ms_max": max(times) * 1e3,
+        f"{prefix}_samples_per_s": batch_size / med,
+        f"{prefix}_tokens_per_s": batch_size * tokens_per_sample / med,
+    }
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
+                  device: str | torch.device = "cpu") -> dict:
+    """Flat dict of train_* and infer_* timings plus peak memory, for one variant."""
+    opts = opts or SpeedOptions()
+    device = torch.device(device)
+    model = model.to(device)
+    gen = torch.Generator().manual_seed(opts.seed)
+    inputs = model.example_inputs(opts.batch_size, device=device, generator=gen)
+    tokens = model.tokens_per_sample()
+    run = torch.compile(model) if opts.compile else model
+    out: dict = {"batch_size": opts.batch_size, "bf16": opts.bf16, "compile": opts.compile,
+                 "device": str(device), "timed_steps": opts.steps, "warmup_steps": opts.warmup}
+    peaks = []
+    if opts.train:
+        model.train()
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+
+        def train_step():
+            optim.zero_grad(set_to_none=True)
+            with autocast(device, opts.bf16):
+                loss = model.bench_loss(run(*inputs))
+            loss.backward()
+            optim.step()
+
+        with peak_memory(device) as mem:
+            times = time_steps(train_step, device, opts.warmup, opts.steps)
+        out.update(summarise("train", times, opts.batch_size, tokens))
+        out["train_peak_mem_mb"] = mem["peak_mem_mb"]
+        peaks.append(mem)
+        del optim
+    if opts.infer:
+        model.eval()
+
+        def infer_step():
+            with torch.inference_mode(), autocast(device, opts.bf16):
+                run(*inputs)
+
+        with peak_memory(device) as mem:
+            times = time_steps(infer_step, device, opts.warmup, opts.steps)
+        out.update(summarise("infer", times, opts.batch_size, tokens))
+        out["infer_peak_mem_mb"] = mem["peak_mem_mb"]
+        peaks.append(mem)
+    out["peak_mem_mb"] = max(p["peak_mem_mb"] for p in peaks) if peaks else 0.0
+    out["peak_mem_source"] = peaks[0]["peak_mem_source"] if peaks else ""
+    return out

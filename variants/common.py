@@ -1,0 +1,140 @@
+"""Layers shared by every family: attention, MLP, a pre-norm block that takes its
+layers as arguments, and fixed sin-cos position embeddings.
+
+Attention always goes through ``attention()`` (``F.scaled_dot_product_attention``:
+fused/flash kernels where the backend has them).  ``harness.metrics.flops`` counts
+that op, so attention FLOPs are never silently dropped.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) [+ mask]) v over the last two dims.
+
+    q: (B, H, Lq, D), k/v: (B, H, Lk, D); ``mask`` is boolean (True = attend) or
+    additive, broadcastable to (B, H, Lq, Lk).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, fused qkv projection (as in timm / DiT)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        assert dim % num_heads == 0, "dim must be divisible by num_heads"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+        return q, k, v
+
+    def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
+        B, H, N, Dh = o.shape
+        return self.proj(o.transpose(1, 2).reshape(B, N, H * Dh))  # (B, N, C)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.split_heads(x)
+        return self.merge_heads(attention(q, k, v, mask))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` (queries) to a separate context (keys/values)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        M = context.shape[1]
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+        kv = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, M, Dh)
+        o = attention(q, k, v)  # (B, H, N, Dh)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: type[nn.Module] | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act() if act is not None else nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def tanh_gelu() -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the attention and norm layers are arguments."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *,
+                 attn_layer: type[nn.Module] = Attention, norm_layer=None, act=None,
+                 qkv_bias: bool = True):
+        super().__init__()
+        norm_layer = norm_layer or (lambda d: nn.LayerNorm(d, eps=1e-6))
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask) if mask is not None else x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# ------------------------------------------------------------ position embeddings
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, dim): [sin | cos] with max period 10000 (MAE / DiT)."""
+    assert dim % 2 == 0
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None) -> np.ndarray:
+    """Fixed 2-D sin-cos embedding, (grid_h * grid_w, dim), half the dims per axis."""
+    grid_w = grid_w or grid_h
+    gh, gw = np.meshgrid(np.arange(grid_h, dtype=np.float64),
+                         np.arange(grid_w, dtype=np.float64), indexing="ij")
+    # DiT/MAE order: first half encodes the column (w) index, second half the row (h)
+    return np.concatenate([sincos_1d(dim // 2, gw), sincos_1d(dim // 2, gh)], axis=1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(N,) timesteps -> (N, dim) sinusoidal features, [cos | sin] halves (as in DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) *
+                      torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
