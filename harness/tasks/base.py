@@ -93,12 +93,17 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+TASK_MODULES = ("classify", "diffusion", "benchmark")  # harness.tasks.<module> register tasks
+
+
 def load_tasks() -> None:
-    from . import classify, diffusion  # noqa: F401  (register themselves)
-    try:
-        from . import benchmark  # noqa: F401
-    except ImportError:
-        pass
+    import importlib
+    for mod in TASK_MODULES:
+        try:
+            importlib.import_module(f"harness.tasks.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"harness.tasks.{mod}":
+                raise
 
 
 def get_task(name: str) -> type[Task]:

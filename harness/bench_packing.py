@@ -1,0 +1,205 @@
+"""Does packing pay?  Images/s of NaViT packing vs padding, same backbone, same weights.
+
+    python -m harness.bench_packing [--variant navit-ti] [--batch-size 64] [--skew 2] [--json]
+    harness bench-packing ...          (the same, through the CLI)
+
+One batch of images from a skewed resolution distribution (most small, a few large) is run
+by two copies of one model that differ only in ``batching``: "pack" (NaViT) and "pad" (each
+sequence padded to the longest, key-padding mask).  Train steps (forward, cross entropy,
+backward, AdamW) and inference are timed apart: warm-up steps, then timed steps alternating
+pack and pad (so a change in background load hits both arms alike), median per arm.
+
+    ideal speedup   = padded tokens / real tokens (the pad batch's tokens over the images' own)
+    measured        = pack images/s / pad images/s
+    fraction        = measured / ideal
+
+``--paths`` also times every pack attention implementation available on the device (the
+measurement behind ``variants.navit.CPU_PACK_ATTENTION``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .metrics.speed import sync
+
+
+def make_batch(n: int, in_channels: int, min_size: int, max_size: int, step: int, skew: float,
+               seed: int, device: torch.device) -> list[torch.Tensor]:
+    from .data.varres import sample_sizes
+    gen = torch.Generator().manual_seed(seed)
+    sizes = sample_sizes(n, min_size, max_size, step, skew, 2.0, gen)
+    return [torch.rand(in_channels, h, w, generator=gen).to(device) for h, w in sizes]
+
+
+def build_arms(variant: str, overrides: dict, arms: dict[str, dict], device: torch.device,
+               seed: int) -> dict:
+    """One model per arm, all with the weights of the first (the arms add no parameters)."""
+    from . import registry
+    models, state = {}, None
+    for name, extra in arms.items():
+        model, _ = registry.build(variant, {**overrides, **extra}, device=device, seed=seed)
+        if state is None:
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state)
+        models[name] = model
+    return models
+
+
+def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, train: bool,
+              warmup: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each arm; timed steps alternate between arms."""
+    steps_fn = {}
+    for name, model in models.items():
+        if train:
+            model.train()
+            optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(model=model, optim=optim):
+                optim.zero_grad(set_to_none=True)
+                F.cross_entropy(model(images), labels).backward()
+                optim.step()
+        else:
+            model.eval()
+
+            def step(model=model):
+                with torch.inference_mode():
+                    model(images)
+        steps_fn[name] = step
+    for step in steps_fn.values():
+        for _ in range(warmup):
+            step()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(steps):
+        for name, step in steps_fn.items():
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    overrides = {"input_size": args.max_size, "max_seq_len": args.max_seq_len,
+                 "max_grid": args.max_size // args.patch_size, "patch_size": args.patch_size,
+                 "in_channels": 1, "num_classes": 10}
+    if args.depth:
+        overrides["depth"] = args.depth
+    images = make_batch(args.batch_size, 1, args.min_size, args.max_size, args.size_step,
+                        args.skew, args.seed, device)
+    labels = torch.randint(0, 10, (len(images),), generator=torch.Generator().manual_seed(1)).to(device)
+    arms = {"pack": {"batching": "pack"}, "pad": {"batching": "pad"}}
+    if args.paths:
+        from variants.navit import flex_available
+        impls = ["grouped", "loop", "dense_mask"] + (["flex"] if flex_available(device) else [])
+        arms = {f"pack_{i}": {"batching": "pack", "attn_impl": i} for i in impls}
+        arms["pad"] = {"batching": "pad"}
+    models = build_arms(args.variant, overrides, arms, device, args.seed)
+    pack_name = "pack" if "pack" in models else next(iter(models))
+
+    # token accounting from one eval forward per arm
+    stats = {}
+    for name, model in models.items():
+        model.eval()
+        model.extra_metrics()
+        with torch.inference_mode():
+            model(images)
+        stats[name] = model.extra_metrics()
+    real = stats["pad"]["real_tokens"]
+    ideal = (real + stats["pad"]["padded_tokens"]) / real
+    out = {"bench": "packing", "variant": args.variant, "device": str(device),
+           "batch_size": args.batch_size, "skew": args.skew, "min_size": args.min_size,
+           "max_size": args.max_size, "patch_size": args.patch_size,
+           "max_seq_len": args.max_seq_len, "depth": models["pad"].cfg.depth,
+           "hidden_size": models["pad"].cfg.hidden_size, "threads": torch.get_num_threads(),
+           "warmup_steps": args.warmup, "timed_steps": args.steps,
+           "real_tokens_per_image": real / args.batch_size,
+           "pack_attn_path": models[pack_name].tags()["attn_path"],
+           "pack_padding_fraction": stats[pack_name]["padding_fraction"],
+           "pack_images_per_pack": stats[pack_name]["images_per_pack"],
+           "pad_padding_fraction": stats["pad"]["padding_fraction"],
+           "ideal_speedup": ideal}
+    for mode in ("train", "infer"):
+        times = time_arms(models, images, labels, mode == "train", args.warmup, args.steps, device)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        for name, t in times.items():
+            out[f"{name}_{mode}_step_ms_median"] = med[name] * 1e3
+            out[f"{name}_{mode}_step_ms_min"] = min(t) * 1e3
+            out[f"{name}_{mode}_step_ms_max"] = max(t) * 1e3
+            out[f"{name}_{mode}_images_per_s"] = args.batch_size / med[name]
+        for name in models:
+            if name != "pad":
+                speedup = med["pad"] / med[name]
+                out[f"{name}_{mode}_speedup"] = speedup
+                out[f"{name}_{mode}_fraction_of_ideal"] = speedup / ideal
+    return out
+
+
+def render(r: dict) -> str:
+    arms = sorted({k.split("_train_step_ms_median")[0] for k in r if k.endswith("_train_step_ms_median")})
+    lines = [f"bench-packing: {r['variant']} (depth {r['depth']}, width {r['hidden_size']}) on "
+             f"{r['device']}, {r['threads']} threads; {r['batch_size']} images, sides "
+             f"{r['min_size']}-{r['max_size']} px (skew {r['skew']}), patch {r['patch_size']}, "
+             f"max_seq_len {r['max_seq_len']}",
+             f"  real tokens/image {r['real_tokens_per_image']:.1f}; padding: pack "
+             f"{r['pack_padding_fraction']:.1%} ({r['pack_images_per_pack']:.1f} images/pack, "
+             f"attention {r['pack_attn_path']}), pad {r['pad_padding_fraction']:.1%}",
+             f"  ideal speedup (padded tokens / real tokens): {r['ideal_speedup']:.2f}x",
+             f"  {'arm':<16}{'mode':<7}{'ms/step (min-max)':>24}{'images/s':>11}{'speedup':>9}"
+             f"{'of ideal':>10}"]
+    for mode in ("train", "infer"):
+        for a in arms:
+            sp = r.get(f"{a}_{mode}_speedup")
+            fr = r.get(f"{a}_{mode}_fraction_of_ideal")
+            lines.append(
+                f"  {a:<16}{mode:<7}{r[f'{a}_{mode}_step_ms_median']:>9.1f} "
+                f"({r[f'{a}_{mode}_step_ms_min']:.1f}-{r[f'{a}_{mode}_step_ms_max']:.1f})"
+                .ljust(47) + f"{r[f'{a}_{mode}_images_per_s']:>11.1f}"
+                + (f"{sp:>8.2f}x{fr:>10.0%}" if sp is not None else f"{'-':>9}{'-':>10}"))
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness bench-packing", description=__doc__.split("\n")[0])
+    p.add_argument("--variant", default="navit-ti", help="a navit-* variant (default navit-ti)")
+    p.add_argument("--depth", type=int, default=4, help="override depth (0: the variant's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--skew", type=float, default=2.0, help="resolution skew (0: uniform sizes)")
+    p.add_argument("--min-size", type=int, default=8)
+    p.add_argument("--max-size", type=int, default=64)
+    p.add_argument("--size-step", type=int, default=8, help="sides are multiples of this")
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per pack")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=7, help="timed steps per arm (median)")
+    p.add_argument("--paths", action="store_true", help="also time each pack attention path")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one flat JSON record")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import HarnessError
+    args = parser().parse_args(argv)
+    try:
+        r = run(args)
+    except HarnessError as e:
+        print(f"harness bench-packing: {e}", file=sys.stderr)
+        return e.exit_code
+    print(json.dumps(r) if args.json else render(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""harness variants | bench | run | worker | report | ui
+
+Every user error is a HarnessError: printed as one clear message, exit code 2, and
+raised before any compute or any write to a store.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from .errors import ConfigError, HarnessError
+
+
+def parse_sets(items: Sequence[str] | None) -> dict:
+    """['k=v', ...] -> {k: 'v'}; values are typed later against the config."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set conditioning=adaln")
+        k, v = item.split("=", 1)
+        if not k.strip():
+            raise ConfigError(f"--set {item!r}: empty key")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) >= 1 else f"{v:.4g}"
+    return str(v)
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    print("  ".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+# ------------------------------------------------------------------ variants
+
+def cmd_variants(args) -> int:
+    from . import registry
+    from .metrics.flops import build_uninitialised, flops_of
+
+    specs = registry.list_variants(*(args.pattern or []))
+    if not specs:
+        raise ConfigError(f"no variant matches {args.pattern!r}; try `harness variants` for all")
+    rows = []
+    for spec in specs:
+        row = {"name": spec.name, "family": spec.family}
+        if not args.no_flops:
+            model, cfg = build_uninitialised(spec.name)
+            f = flops_of(model)
+            row.update(params_m=round(f["params_m"], 2), gflops_fwd=round(f["gflops_fwd"], 3))
+        row["description"] = spec.doc.splitlines()[0] if spec.doc else ""
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_table(rows, [c for c in ("name", "family", "params_m", "gflops_fwd", "description")
+                           if c in rows[0]])
+    return 0
+
+
+# --------------------------------------------------------------------- bench
+
+def resolve_device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to this torch "
+                          f"({torch.__version__}); valid here: cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: valid: auto, cpu, cuda")
+    return name
+
+
+def cmd_bench(args) -> int:
+    from . import registry
+    from .metrics.flops import FLOP_CONVENTION, build_uninitialised, flops_of
+    from .metrics.speed import SpeedOptions, measure_speed
+
+    overrides = parse_sets(args.set)
+    device = resolve_device(args.device)
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise ConfigError("--batch-size and --steps must be >= 1, --warmup >= 0")
+    specs = [registry.get(n) for n in args.names]
+    cfgs = [s.config(**overrides) for s in specs]  # validate everything before compute
+    records = []
+    for spec, cfg in zip(specs, cfgs):
+        rec = {"name": spec.name, "family": spec.family}
+        counted, _ = build_uninitialised(spec.name, overrides)
+        f = flops_of(counted)
+        del counted
+        rec.update(params=f["params"], params_m=f["params_m"], gflops_fwd=f["gflops_fwd"],
+                   gflops_attn_fwd=f["gflops_attn_fwd"], flop_convention=FLOP_CONVENTION)
+        if not args.flops_only:
+            model, _ = registry.build(spec.name, overrides, seed=0)
+            opts = SpeedOptions(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
+                                bf16=args.bf16, compile=args.compile)
+            rec.update(measure_speed(model, opts, device))
+            del model
+        rec.update({f"config.{k}": v for k, v in registry.config_dict(cfg).items()})
+        rec = {k: v for k, v in rec.items() if v is not None}
+        records.append(rec)
+    if args.json:
+        print(json.dumps(records, indent=1, default=str))
+    else:
+        cols = ["name", "config.conditioning", "params_m", "gflops_fwd", "gflops_attn_fwd"]
+        if not args.flops_only:
+            cols += ["train_samples_per_s", "train_tokens_per_s", "infer_samples_per_s",
+                     "train_step_ms_median", "peak_mem_mb"]
+        cols = [c for c in cols if any(c in r for r in records)]
+        print_table(records, cols)
+        print(f"\nFLOPs: {FLOP_CONVENTION}.")
+        if not args.flops_only:
+            r = records[0]
+            print(f"Speed: device {r['device']}, batch {args.batch_size}, {args.warmup} warm-up + "
+                  f"{args.steps} timed steps, median step; train = fwd + bwd + AdamW; "
+                  f"peak memory from {r['peak_mem_source']}.")
+    return 0
+
+
+# ------------------------------------------------------------------- studies
+
+def cmd_run(args) -> int:
+    from .sweep import run_study
+    return run_study(args.study, profile=args.profile, storage=args.storage,
+                     tracking_uri=args.tracking_uri, n_trials=args.n_trials,
+                     timeout=args.timeout, runs_dir=args.runs_dir, workers=args.workers,
+                     device=args.device, quiet=args.quiet)
+
+
+def cmd_worker(args) -> int:
+    from .sweep import run_worker
+    return run_worker(args.study, profile=args.profile, storage=args.storage,
+                      tracking_uri=args.tracking_uri, runs_dir=args.runs_dir,
+                      device=args.device, quiet=args.quiet)
+
+
+def cmd_report(args) -> int:
+    from .report import render_report
+    out = render_report(args.study, profile=args.profile, tracking_uri=args.tracking_uri,
+                        runs_dir=args.runs_dir, out_dir=args.out, command=args.command_line)
+    print(f"report written to {out}/README.md")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from .tracking import serve_ui
+    return serve_ui(runs_dir=args.runs_dir, host=args.host, port=args.port,
+                    backend_uri=args.tracking_uri)
+
+
+def cmd_bench_packing(args, rest) -> int:
+    from .bench_packing import main as bench_main
+    return bench_main(rest)
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default=os.environ.get("HARNESS_RUNS_DIR", "runs"),
+                   help="local folder of the embedded SQLite stores (default ./runs)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: sqlite under --runs-dir; MLFLOW_TRACKING_URI)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    v = sub.add_parser("variants", help="list registered variants (glob patterns)")
+    v.add_argument("pattern", nargs="*", help="glob, e.g. 'dit-*'")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--no-flops", action="store_true", help="skip params/GFLOPs (faster)")
+    v.set_defaults(fn=cmd_variants)
+
+    b = sub.add_parser("bench", help="params, GFLOPs, throughput and memory of variants")
+    b.add_argument("names", nargs="+", help="registered variant names")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    b.add_argument("--steps", type=int, default=10, help="timed steps")
+    b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
+    b.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    b.add_argument("--compile", action="store_true", help="torch.compile")
+    b.add_argument("--flops-only", action="store_true")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+
+    r = sub.add_parser("run", help="run (or resume) a study")
+    r.add_argument("study", help="path to a study YAML file")
+    r.add_argument("--profile", default=None, help="smoke | cpu | gpu | any profile in the file")
+    r.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite in --runs-dir)")
+    r.add_argument("--n-trials", type=int, default=None, help="at most this many trials now")
+    r.add_argument("--timeout", type=float, default=None, help="stop starting trials after S seconds")
+    r.add_argument("--workers", type=int, default=1, help="local worker processes")
+    r.add_argument("--device", default=None, help="override the study's device: auto | cpu | cuda")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_store_args(r)
+    r.set_defaults(fn=cmd_run)
+
+    w = sub.add_parser("worker", help="join a shared study (PostgreSQL storage) as one worker")
+    w.add_argument("study")
+    w.add_argument("--profile", default=None)
+    w.add_argument("--storage", required=False, default=None)
+    w.add_argument("--device", default=None)
+    w.add_argument("--quiet", action="store_true")
+    add_store_args(w)
+    w.set_defaults(fn=cmd_worker)
+
+    rep = sub.add_parser("report", help="render reports/<study>/ from the study's MLflow runs")
+    rep.add_argument("study", help="study YAML file (or a study name)")
+    rep.add_argument("--profile", default=None)
+    rep.add_argument("--out", default=None, help="output folder (default reports/<study>)")
+    rep.add_argument("--command-line", dest="command_line", default=None,
+                     help="the command to print in the report as how it was produced")
+    add_store_args(rep)
+    rep.set_defaults(fn=cmd_report)
+
+    u = sub.add_parser("ui", help="serve the MLflow UI on the local store")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    add_store_args(u)
+    u.set_defaults(fn=cmd_ui)
+
+    bp = sub.add_parser("bench-packing", help="NaViT packing vs padding images/s (see --help)",
+                        add_help=False)
+    bp.set_defaults(fn=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and argv[0] == "bench-packing":
+            return cmd_bench_packing(None, argv[1:])
+        args = parser.parse_args(argv)
+        return int(args.fn(args) or 0)
+    except HarnessError as e:
+        print(f"harness: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

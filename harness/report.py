@@ -1,0 +1,434 @@
+"""MLflow runs -> pandas -> tables (Markdown, HTML, CSV, LaTeX) + plots -> reports/<study>/.
+
+Built only from ``mlflow.search_runs`` and metric histories, so it works against any
+tracking server; the same runs always render the same bytes (sorted rows, fixed
+number formats, PNGs without timestamps).
+"""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import StudyError
+from .studies import Study, cell_id, load_study
+
+BASE_METRICS = ("gflops_fwd", "params_m", "train_samples_per_s", "infer_samples_per_s", "peak_mem_mb")
+UNITS = {"gflops_fwd": "GFLOPs fwd (MAC, attn incl.)", "params_m": "params (M)",
+         "train_samples_per_s": "train samples/s", "infer_samples_per_s": "infer samples/s",
+         "peak_mem_mb": "peak mem (MB)"}
+
+
+def t95(n: int) -> float:
+    """Two-sided 95% Student-t quantile for n samples."""
+    if n < 2:
+        return float("nan")
+    from scipy.stats import t
+    return float(t.ppf(0.975, n - 1))
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))],
+                   dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    half = t95(len(v)) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return float(v.mean()), float(half), len(v)
+
+
+def fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    a = abs(x)
+    if a == 0:
+        return "0"
+    if a >= 1000:
+        return f"{x:,.0f}"
+    if a >= 100:
+        return f"{x:.1f}"
+    if a >= 1:
+        return f"{x:.3f}"
+    return f"{x:.4f}"
+
+
+def fmt_ci(m: float, h: float) -> str:
+    return fmt(m) if math.isnan(h) else f"{fmt(m)} ± {fmt(h)}"
+
+
+# ----------------------------------------------------------------- loading
+
+def load_runs(study: Study, tracking_uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trial runs, parent runs) of the study's experiment, sorted deterministically."""
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.get_experiment_by_name(study.study_name)
+    if exp is None:
+        raise StudyError(f"no MLflow experiment {study.study_name!r} at {tracking_uri}: "
+                         f"run `harness run {study.path}"
+                         f"{' --profile ' + study.profile if study.profile else ''}` first")
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], max_results=50000,
+                              output_format="pandas")
+    if runs.empty:
+        raise StudyError(f"experiment {study.study_name!r} has no runs yet")
+    kind = runs.get("tags.harness.kind", pd.Series([""] * len(runs)))
+    trials = runs[kind == "trial"].copy()
+    parents = runs[kind == "study_run"].copy()
+    trials["trial_number"] = trials["tags.trial_number"].astype(int)
+    trials["seed"] = trials["tags.seed"].astype(int)
+    order = {cell_id(c): i for i, c in enumerate(study.cells())}
+    trials["cell_order"] = trials["tags.cell_id"].map(order).fillna(len(order)).astype(int)
+    trials = trials.sort_values(["cell_order", "seed", "trial_number"]).reset_index(drop=True)
+    parents = parents.sort_values("start_time").reset_index(drop=True)
+    return trials, parents
+
+
+def finished_table(study: Study, trials: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per finished (cell, seed): the last finished trial of each point."""
+    fin = trials[trials["status"] == "FINISHED"]
+    fin = fin.drop_duplicates(subset=["tags.cell_id", "seed"], keep="last")
+    rows = []
+    cells = study.cell_by_id()
+    for _, r in fin.iterrows():
+        cell = cells.get(r["tags.cell_id"])
+        if cell is None:  # a cell no longer in the study file
+            continue
+        row = {"cell": r["tags.cell_id"], "seed": int(r["seed"]), "trial": int(r["trial_number"]),
+               "run_id": r["run_id"], **{k: v for k, v in cell.items()}}
+        for m in metrics:
+            col = f"metrics.{m}"
+            row[m] = float(r[col]) if col in r and pd.notna(r[col]) else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ tables
+
+def group_table(df: pd.DataFrame, by: list[str], metrics: list[str], objectives) -> tuple[pd.DataFrame, list]:
+    """Mean ± 95% CI over seeds per group; the best group (first objective) is marked."""
+    out = []
+    first = objectives[0]
+    for key, g in df.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        row["n"] = len(g)
+        for m in metrics:
+            mean, half, _ = mean_ci(g[m].tolist())
+            row[m] = mean
+            row[f"{m}_ci95"] = half
+        out.append(row)
+    t = pd.DataFrame(out)
+    best = None
+    if not t.empty and t[first.metric].notna().any():
+        best = (t[first.metric].idxmax() if first.direction == "maximize" else t[first.metric].idxmin())
+    t["best"] = ["★" if i == best else "" for i in t.index]
+    return t, by
+
+
+def to_markdown(t: pd.DataFrame, by: list[str], metrics: list[str]) -> str:
+    head = by + ["n"] + [UNITS.get(m, m) for m in metrics] + [""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in t.iterrows():
+        cells = [str(r[b]) for b in by] + [str(int(r["n"]))]
+        cells += [fmt_ci(r[m], r[f"{m}_ci95"]) for m in metrics] + [r["best"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_latex(t: pd.DataFrame, by: list[str], metrics: list[str], caption: str) -> str:
+    esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+    cols = by + ["n"] + metrics
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(by) + "r" * (len(cols) - len(by)) + "}",
+             r"\toprule", " & ".join(esc(UNITS.get(c, c)) for c in cols) + r" \\", r"\midrule"]
+    for _, r in t.iterrows():
+        vals = [esc(r[b]) for b in by] + [str(int(r["n"]))]
+        for m in metrics:
+            s = fmt_ci(r[m], r[f"{m}_ci95"]).replace("±", r"$\pm$").replace(",", "{,}")
+            vals.append(r"\textbf{" + s + "}" if r["best"] and m == metrics[0] else s)
+        lines.append(" & ".join(vals) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + esc(caption) + "}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_html_table(t: pd.DataFrame, by: list[str], metrics: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in by + ["n"] + [UNITS.get(m, m) for m in metrics] + [""])
+    body = []
+    for _, r in t.iterrows():
+        cells = [str(r[b]) for b in by] + [str(int(r["n"]))] + \
+                [fmt_ci(r[m], r[f"{m}_ci95"]) for m in metrics] + [r["best"]]
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# ------------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"svg.hashsalt": "harness", "figure.dpi": 100, "font.size": 9})
+    return plt
+
+
+def pareto_front(points: list[tuple[float, float]], maximize: bool) -> list[int]:
+    """Indices of points not dominated in (lower cost, better quality)."""
+    idx = []
+    for i, (c, q) in enumerate(points):
+        dominated = False
+        for j, (c2, q2) in enumerate(points):
+            if j == i:
+                continue
+            better_q = q2 >= q if maximize else q2 <= q
+            strictly = (c2 < c) or (q2 > q if maximize else q2 < q)
+            if c2 <= c and better_q and strictly:
+                dominated = True
+                break
+        if not dominated:
+            idx.append(i)
+    return sorted(idx, key=lambda i: points[i][0])
+
+
+def plot_pareto(cells: pd.DataFrame, metric: str, maximize: bool, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x, y, e = cells["gflops_fwd"].to_numpy(), cells[metric].to_numpy(), cells[f"{metric}_ci95"].to_numpy()
+    ax.errorbar(x, y, yerr=np.nan_to_num(e), fmt="o", capsize=3, color="tab:blue")
+    for xi, yi, label in zip(x, y, cells["cell"]):
+        ax.annotate(label, (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = pareto_front(list(zip(x, y)), maximize)
+    ax.plot(x[front], y[front], "--", color="tab:red", label="Pareto front")
+    ax.set_xlabel("GFLOPs per sample, forward (1 MAC = 1 flop, attention included)")
+    ax.set_ylabel(f"{metric} ({'higher' if maximize else 'lower'} is better)")
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_throughput(cells: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.45 * len(cells)))
+    yy = np.arange(len(cells))
+    for off, m, color in ((-0.2, "train_samples_per_s", "tab:orange"), (0.2, "infer_samples_per_s", "tab:green")):
+        if m in cells:
+            ax.barh(yy + off, cells[m].fillna(0), height=0.4, xerr=np.nan_to_num(cells[f"{m}_ci95"]),
+                    color=color, label=UNITS[m])
+    ax.set_yticks(yy, cells["cell"], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("samples / s (median step, per trial; mean ± 95% CI over seeds)")
+    ax.legend(loc="best", fontsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_loss_curves(curves: dict[str, list[np.ndarray]], path: Path, metric: str = "train_loss") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for cell, series in curves.items():
+        if not series:
+            continue
+        steps = series[0][:, 0]
+        same = [s for s in series if len(s) == len(steps) and np.array_equal(s[:, 0], steps)]
+        mean = np.mean([s[:, 1] for s in same], axis=0)
+        ax.plot(steps, mean, label=f"{cell} (n={len(same)})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{metric} (mean over seeds)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ claims
+
+def evaluate_claim(claim: dict, table: pd.DataFrame, axis: str, metric: str, maximize: bool) -> str:
+    """A paper's ordering claim checked against the measured means (and their CIs)."""
+    t = table.dropna(subset=[metric])
+    if t.empty:
+        return f"- **{claim['text']}**: cannot be judged (no finished runs with `{metric}`)."
+    order = t.sort_values(metric, ascending=not maximize)
+    ranking = " > ".join(f"{r[axis]} ({fmt_ci(r[metric], r[f'{metric}_ci95'])})" for _, r in order.iterrows())
+    verdicts = []
+    holds = True
+    for role, pos in (("best", 0), ("worst", -1)):
+        want = claim.get(role)
+        if want is None:
+            continue
+        got = order.iloc[pos][axis]
+        ok = str(got) == str(want)
+        holds &= ok
+        verdicts.append(f"{role}: expected {want}, measured {got}")
+    sep = ""
+    if len(order) >= 2:
+        a, b = order.iloc[0], order.iloc[1]
+        if not (math.isnan(a[f"{metric}_ci95"]) or math.isnan(b[f"{metric}_ci95"])):
+            gap = abs(a[metric] - b[metric])
+            overlap = gap < a[f"{metric}_ci95"] + b[f"{metric}_ci95"]
+            sep = (" The top two overlap within their 95% CIs, so the top rank is not settled."
+                   if overlap else " The top two are separated beyond their 95% CIs.")
+    word = "HOLDS" if holds else "DOES NOT HOLD"
+    return (f"- **{claim['text']}** — {word} here ({'; '.join(verdicts)}). "
+            f"Ranking by `{metric}` ({'higher' if maximize else 'lower'} is better): {ranking}.{sep}")
+
+
+# ------------------------------------------------------------------ render
+
+def render_report(study_path: str, *, profile: str | None = None, tracking_uri: str | None = None,
+                  runs_dir: str = "runs", out_dir: str | None = None, command: str | None = None) -> Path:
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import check_tracking_uri, default_tracking_uri, mask_url
+
+    study = load_study(study_path, profile)
+    uri = check_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                             or default_tracking_uri(Path(runs_dir)))
+    trials, parents = load_runs(study, uri)
+    objectives = study.objectives
+    extra = [m for m in study.resolved.get("report_metrics", []) if m not in [o.metric for o in objectives]]
+    metrics = [o.metric for o in objectives] + extra + [m for m in BASE_METRICS
+                                                       if m not in extra and m not in [o.metric for o in objectives]]
+    df = finished_table(study, trials, metrics)
+    out = Path(out_dir or Path("reports") / study.study_name)
+    out.mkdir(parents=True, exist_ok=True)
+    axes = list(study.sweep)
+    first = objectives[0]
+    maximize = first.direction == "maximize"
+
+    # tables
+    sections, html_sections, latex = [], [], []
+    if df.empty:
+        raise StudyError(f"experiment {study.study_name!r} has no finished trial to report")
+    cells, _ = group_table(df, ["cell"], metrics, objectives)
+    for axis in axes:
+        t, by = group_table(df, [axis], metrics, objectives)
+        title = f"By {axis} (mean ± 95% CI over every run with that value)"
+        sections.append(f"### {title}\n\n{to_markdown(t, by, metrics)}\n")
+        html_sections.append(f"<h3>{html.escape(title)}</h3>{to_html_table(t, by, metrics)}")
+        latex.append(to_latex(t, by, metrics, f"{study.study_name}: {title}"))
+    cell_md = to_markdown(cells, ["cell"], metrics)
+    latex.append(to_latex(cells, ["cell"], metrics, f"{study.study_name}: per cell"))
+
+    # claims
+    claim_lines = []
+    for claim in study.resolved.get("claims", []) or []:
+        axis = claim.get("axis", axes[0] if axes else None)
+        metric = claim.get("metric", first.metric)
+        if axis not in axes or metric not in df:
+            claim_lines.append(f"- **{claim.get('text', '?')}**: cannot be judged (axis {axis!r} or "
+                               f"metric {metric!r} not in this study's runs).")
+            continue
+        direction = claim.get("direction") or next((o.direction for o in objectives if o.metric == metric),
+                                                   "maximize")
+        t, _ = group_table(df, [axis], [metric], objectives if metric in [o.metric for o in objectives]
+                           else [type(first)(metric, direction)])
+        claim_lines.append(evaluate_claim(claim, t, axis, metric, direction == "maximize"))
+
+    # plots
+    plot_pareto(cells, first.metric, maximize, out / "pareto.png")
+    plot_throughput(cells, out / "throughput.png")
+    client = MlflowClient(tracking_uri=uri)
+    curves: dict[str, list[np.ndarray]] = {}
+    for _, r in df.iterrows():
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], "train_loss"))
+        if hist:
+            curves.setdefault(r["cell"], []).append(np.array(hist, dtype=float))
+    plot_loss_curves(curves, out / "loss_curves.png")
+    artifacts = copy_artifacts(client, df, out)
+
+    # csv
+    csv = df.drop(columns=["run_id"]).copy()
+    csv.to_csv(out / "results.csv", index=False, float_format="%.6g")
+    (out / "results.tex").write_text("\n".join(latex))
+
+    # environment and status
+    status_counts = trials["status"].value_counts().sort_index()
+    status_line = ", ".join(f"{n} {s.lower()}" for s, n in status_counts.items())
+    env_keys = ["device_name", "torch_version", "python_version", "harness_version", "git_sha"]
+    env = []
+    for k in env_keys:
+        col = f"tags.{k}"
+        vals = sorted(set(trials[col].dropna().astype(str))) if col in trials else []
+        env.append(f"- {k.replace('_', ' ')}: {', '.join(vals) if vals else 'n/a'}")
+    cmds = sorted(set(parents.get("tags.harness.command", pd.Series(dtype=str)).dropna()))
+    cmd = command or (cmds[0] if cmds else f"harness run {study.path}")
+    report_cmd = f"harness report {study.path}" + (f" --profile {study.profile}" if study.profile else "")
+    failed = trials[trials["status"] != "FINISHED"]
+    fail_lines = [f"- trial {int(r['trial_number'])} `{r['tags.cell_id']}` seed {int(r['seed'])}: "
+                  f"{r['status']}: {r.get('tags.fail_reason', '') or 'no reason recorded'}"
+                  for _, r in failed.iterrows()]
+    seeds = sorted(int(x) for x in df["seed"].unique())
+    fl = trials["tags.flop_convention"].dropna().iloc[0] if "tags.flop_convention" in trials else ""
+
+    md = [f"# {study.study_name}", "",
+          f"**Question.** {study.question}", "",
+          "**Reproduce.**", "", "```", cmd, report_cmd, "```", "",
+          f"Rendered by `harness report` from {len(trials)} MLflow trial runs ({status_line}); "
+          f"{len(df)} finished cell × seed points, seeds {seeds}. "
+          f"Objective: {', '.join(f'`{o.metric}` ({o.direction})' for o in objectives)}; "
+          f"★ marks the best value of `{first.metric}`. Task `{study.task}`, data `{study.data}`, "
+          f"variant `{study.variant}`, budget {study.budget.steps} steps.", "",
+          "## Environment", "", *env, f"- FLOP convention: {fl}",
+          f"- tracking store: {mask_url(uri) if not uri.startswith('sqlite') else 'embedded SQLite'}", ""]
+    if claim_lines:
+        md += ["## Do the paper's findings hold here?", "", *claim_lines, ""]
+    md += ["## Results by ablation axis", "", *sections,
+           "### Per cell", "", cell_md, "",
+           "## Plots", "",
+           f"![quality vs GFLOPs](pareto.png)", "",
+           f"![throughput](throughput.png)", "",
+           f"![loss curves](loss_curves.png)", ""]
+    if artifacts:
+        md += ["## Samples and confusion matrices (lowest seed of each cell)", ""]
+        md += [f"![{a}]({a})" for a in artifacts] + [""]
+    if fail_lines:
+        md += ["## Trials that did not finish", "", *fail_lines, ""]
+    md += ["Files: `results.csv` (one row per finished run), `results.tex` (LaTeX tables), "
+           "`report.html`.", ""]
+    (out / "README.md").write_text("\n".join(md))
+    body = "\n".join(html_sections)
+    imgs = "".join(f'<p><img src="{html.escape(p)}" style="max-width:720px"></p>'
+                   for p in ["pareto.png", "throughput.png", "loss_curves.png", *artifacts])
+    (out / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(study.study_name) +
+        "</title><style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style></head><body>"
+        f"<h1>{html.escape(study.study_name)}</h1><p><b>Question.</b> {html.escape(study.question)}</p>"
+        f"<pre>{html.escape(cmd)}\n{html.escape(report_cmd)}</pre>"
+        f"<h2>Results</h2>{body}<h3>Per cell</h3>{to_html_table(cells, ['cell'], metrics)}"
+        f"<h2>Plots</h2>{imgs}</body></html>\n")
+    return out
+
+
+def copy_artifacts(client, df: pd.DataFrame, out: Path) -> list[str]:
+    """One sample grid / confusion matrix per cell (seed 0 or the first seed), copied in."""
+    import os
+    import shutil
+    import tempfile
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    names = []
+    for cell, g in df.groupby("cell", sort=False):
+        r = g.sort_values("seed").iloc[0]
+        try:
+            listing = client.list_artifacts(r["run_id"])
+        except Exception as e:  # a store without artifacts: say so in the report
+            print(f"harness report: no artifacts for {cell}: {e}")
+            continue
+        for a in listing:
+            if not a.path.endswith(".png"):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                local = client.download_artifacts(r["run_id"], a.path, tmp)
+                safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell)
+                name = f"{Path(a.path).stem}-{safe}.png"
+                shutil.copyfile(local, out / name)
+                names.append(name)
+    return names

@@ -1,0 +1,544 @@
+"""Optuna: resumable storage, the ablation grid run exactly once per cell x seed, TPE for
+`search`, pruning, heartbeats and retries, multi-objective.
+
+How "exactly once" holds, with one process or many:
+- every grid point (cell, seed[, slot]) is *enqueued* as a WAITING trial with fixed
+  params; Optuna hands a waiting trial to one worker only (an atomic WAITING -> RUNNING
+  update in the RDB storage);
+- on (re)start each process enqueues only the points that are neither done (COMPLETE,
+  PRUNED, or FAILED for a reason that would repeat, like divergence) nor pending;
+- a trial that finds the same point already COMPLETE, or RUNNING under a lower trial
+  number, yields (pruned as a duplicate before any compute or MLflow run);
+- a worker killed mid-trial: on this host its dead PID is noticed at the next start; on
+  any host its heartbeat stops, the trial is failed and re-enqueued by the next worker,
+  and its MLflow run is closed as KILLED.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from . import registry
+from .errors import ConfigError, DivergedError, HarnessError, StorageError, TrialFailed
+from .studies import Study, load_study, resolve_trial
+from .tracking import RUN_STATUS, Tracker, default_tracking_uri, environment_tags, mask_url, terminate_run
+
+HEARTBEAT_S = 10
+GRACE_S = 40
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_storage(runs_dir: Path) -> str:
+    return f"sqlite:///{Path(runs_dir).resolve() / 'optuna.db'}"
+
+
+def check_storage_url(url: str) -> str:
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme not in STORAGE_SCHEMES:
+        raise StorageError(f"--storage {mask_url(url)!r}: unsupported; valid: "
+                           "sqlite:///path/optuna.db, postgresql://user@host:5432/db, mysql://...")
+    if scheme == "sqlite" and not url.startswith("sqlite:///"):
+        raise StorageError(f"--storage {mask_url(url)!r}: a SQLite URL needs three slashes: "
+                           "sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    if scheme == "postgresql":
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            raise StorageError("PostgreSQL storage needs psycopg2: pip install "
+                               "'sora-ablation-harness[postgres]'") from None
+    return url
+
+
+def resolve_device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda: no CUDA device is visible to this torch; valid here: cpu, auto")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r}: valid: auto, cpu, cuda")
+    return name
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Runner:
+    """One process taking trials of one study until no grid point is left."""
+
+    def __init__(self, study: Study, storage_url: str, tracking_uri: str, runs_dir: Path,
+                 device: str, quiet: bool = False, command: str = ""):
+        self.study, self.runs_dir, self.device = study, Path(runs_dir), device
+        self.storage_url, self.tracking_uri = storage_url, tracking_uri
+        self.quiet, self.command = quiet, command
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.data_cache: dict = {}
+        self.failures: list[str] = []
+        self.finished: list[dict] = []
+
+    # ------------------------------------------------------------- stores
+    def open(self) -> None:
+        import optuna
+        from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if self.storage_url.startswith("sqlite:///"):
+            Path(self.storage_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(self.tracking_uri, self.study.study_name, self.runs_dir)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+        def on_stale(study, trial):  # heartbeat stopped: close its MLflow run, then retry
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id:
+                terminate_run(self.tracker.client, run_id, "KILLED",
+                              "worker stopped sending heartbeats (killed or lost)")
+            retry(study, trial)
+
+        engine_kwargs = {"connect_args": {"timeout": 60}} if self.storage_url.startswith("sqlite") else {}
+        try:
+            self.storage = RDBStorage(self.storage_url, engine_kwargs=engine_kwargs,
+                                      heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                      heartbeat_stale_trial_callback=on_stale)
+        except Exception as e:
+            raise StorageError(f"cannot open Optuna storage {mask_url(self.storage_url)}: "
+                               f"{type(e).__name__}: {mask_url(str(e)).splitlines()[0]}") from None
+        s = self.study
+        directions = [o.direction for o in s.objectives]
+        self.optuna_study = optuna.create_study(
+            study_name=s.study_name, storage=self.storage, load_if_exists=True,
+            directions=directions, sampler=self._sampler(), pruner=self._pruner())
+        have = [d.name.lower() for d in self.optuna_study.directions]
+        if have != directions:
+            raise ConfigError(f"study {s.study_name!r} already exists in the storage with "
+                              f"directions {have}, but the file now says {directions}; "
+                              "rename the study or use another storage")
+        for k, v in {"question": s.question, "study_file": str(s.path),
+                     "objectives": [f"{o.metric}:{o.direction}" for o in s.objectives]}.items():
+            self.optuna_study.set_user_attr(k, v)
+
+    def _sampler(self):
+        import optuna
+        name = self.study.sampler.get("name")
+        seed = int(self.study.sampler.get("seed", 0))
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        return optuna.samplers.RandomSampler(seed=seed)  # grid: every param is fixed by enqueue
+
+    def _pruner(self):
+        import optuna
+        args = {k: v for k, v in self.study.pruner.items() if k != "name"}
+        name = self.study.pruner["name"]
+        if self.study.multi_objective or name == "none":
+            return optuna.pruners.NopPruner()
+        if name == "median":
+            args.setdefault("n_startup_trials", 4)
+            return optuna.pruners.MedianPruner(**args)
+        if name == "percentile":
+            return optuna.pruners.PercentilePruner(**args)
+        return optuna.pruners.HyperbandPruner(**args)
+
+    # --------------------------------------------------------------- grid
+    def point_of(self, trial) -> tuple | None:
+        p = trial.system_attrs.get("fixed_params") or trial.params
+        if "cell" not in p:
+            return None
+        return (p["cell"], p["seed"], p.get("slot", 0))
+
+    def grid(self) -> list[tuple]:
+        return [(c, s, k) for c, s in self.study.grid_points() for k in range(self.study.search_trials)]
+
+    def fail_dead_local_trials(self) -> None:
+        """RUNNING trials of a dead process on this host: failed now, not after the grace period."""
+        from optuna.trial import TrialState
+        for t in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("host") == self.host and t.user_attrs.get("pid") not in (None, self.pid) \
+                    and not pid_alive(int(t.user_attrs["pid"])):
+                reason = f"worker process {t.user_attrs['pid']} on {self.host} died mid-trial"
+                try:
+                    self.storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+                    self.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+                except Exception as e:  # finished meanwhile: nothing to do
+                    print(f"harness: trial {t.number}: {e}", file=sys.stderr)
+                    continue
+                if t.user_attrs.get("mlflow_run_id"):
+                    terminate_run(self.tracker.client, t.user_attrs["mlflow_run_id"], "KILLED", reason)
+
+    def sync_grid(self) -> tuple[int, int]:
+        """Enqueue the grid points not done and not pending; returns (done, pending)."""
+        import optuna
+        from optuna.trial import TrialState
+        optuna.storages.fail_stale_trials(self.optuna_study)
+        self.fail_dead_local_trials()
+        done, pending = set(), set()
+        for t in self.optuna_study.get_trials(deepcopy=False):
+            pt = self.point_of(t)
+            if pt is None or t.user_attrs.get("duplicate_of") is not None:
+                continue
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                done.add(pt)
+            elif t.state == TrialState.FAIL and t.user_attrs.get("final"):
+                done.add(pt)
+            elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+                pending.add(pt)
+        for cell, seed, slot in self.grid():
+            if (cell, seed, slot) in done or (cell, seed, slot) in pending:
+                continue
+            params = {"cell": cell, "seed": seed}
+            if self.study.search_trials > 1:
+                params["slot"] = slot
+            self.optuna_study.enqueue_trial(params)
+        grid = set(self.grid())
+        return len(done & grid), len(pending & grid)
+
+    def waiting(self) -> int:
+        from optuna.trial import TrialState
+        return len(self.optuna_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    # --------------------------------------------------------------- run
+    def run(self, n_trials: int | None = None, timeout: float | None = None) -> int:
+        import optuna
+        from tqdm import tqdm
+
+        self.open()
+        done, pending = self.sync_grid()
+        total = len(self.grid())
+        s = self.study
+        print(f"study {s.study_name}: {total} grid points ({len(s.cells())} cells x "
+              f"{len(s.seeds)} seeds{f' x {s.search_trials} searched' if s.search_trials > 1 else ''}); "
+              f"{done} done, {self.waiting()} to run here or by other workers")
+        if self.waiting() == 0:
+            print("nothing left to run" + (f" ({pending} running elsewhere)" if pending else ""))
+            return 0
+        env = environment_tags(self.device)
+        parent = self.tracker.start_run(
+            f"{s.study_name} @ {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            {**env, "harness.kind": "study_run", "study": s.study_name, "profile": s.profile or "",
+             "harness.command": self.command, "question": s.question,
+             "storage": mask_url(self.storage_url)},
+            {"study_file": str(s.path), "n_grid_points": total})
+        self.parent, self.env = parent, env
+        self.bar = tqdm(total=total, initial=done, desc=s.study_name, unit="trial",
+                        disable=self.quiet or None, position=0, leave=True)
+        status = "FINISHED"
+        try:
+            self.optuna_study.optimize(
+                self.objective, n_trials=n_trials, timeout=timeout, catch=(Exception,),
+                callbacks=[self._after_trial], gc_after_trial=True)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            print("\nharness: interrupted; the current trial is marked failed and will be re-run "
+                  "on resume", file=sys.stderr)
+            raise
+        finally:
+            self.bar.close()
+            parent.log_metrics({"trials_finished": len(self.finished),
+                                "trials_failed": len(self.failures)})
+            parent.end(status)
+        print(f"study {s.study_name}: {len(self.finished)} trials finished here, "
+              f"{len(self.failures)} failed")
+        for f in self.failures:
+            print(f"  failed: {f}")
+        unexpected = [f for f in self.failures if "[unexpected]" in f]
+        return 1 if unexpected else 0
+
+    def _after_trial(self, study, trial) -> None:
+        if self.point_of(trial) is not None and not trial.user_attrs.get("duplicate_of"):
+            self.bar.update(1)
+        if self.waiting() == 0:
+            study.stop()
+
+    # ------------------------------------------------------------ a trial
+    def objective(self, trial):
+        import optuna
+        s = self.study
+        fixed = self.storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+        if not fixed:  # the queue ran dry between our check and Optuna's ask
+            trial.set_user_attr("duplicate_of", -1)
+            trial.study.stop()
+            raise optuna.TrialPruned("no grid point left for this worker")
+        cells = s.cell_by_id()
+        cid = trial.suggest_categorical("cell", list(cells))
+        seed = trial.suggest_categorical("seed", s.seeds)
+        slot = trial.suggest_categorical("slot", list(range(s.search_trials))) if s.search_trials > 1 else 0
+        dup = self.duplicate_of(trial, (cid, seed, slot))
+        if dup is not None:
+            trial.set_user_attr("duplicate_of", dup)
+            raise optuna.TrialPruned(f"grid point already taken by trial {dup}")
+        search_values = {}
+        for key, sp in s.search.items():
+            if sp.type == "float":
+                search_values[key] = trial.suggest_float(key, sp.low, sp.high, log=sp.log, step=sp.step)
+            elif sp.type == "int":
+                search_values[key] = trial.suggest_int(key, int(sp.low), int(sp.high), log=sp.log,
+                                                       step=int(sp.step or 1))
+            else:
+                search_values[key] = trial.suggest_categorical(key, sp.choices)
+        resolved = resolve_trial(s, cells[cid], seed, search_values, data_info_cache=self.data_cache)
+        for k, v in {"host": self.host, "pid": self.pid, "cell_id": cid, "seed": seed}.items():
+            trial.set_user_attr(k, v)
+        tags = {**self.env, "harness.kind": "trial", "study": s.study_name, "trial_number": trial.number,
+                "cell_id": cid, "seed": seed, "variant": resolved.variant, "task": s.task,
+                "data": s.data, **{f"axis.{k}": v for k, v in cells[cid].items()}}
+        run = self.tracker.start_run(f"{cid} seed={seed}" + (f" #{slot}" if slot else ""), tags,
+                                     resolved.flat_params(), parent_id=self.parent.run_id)
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        t0 = time.perf_counter()
+        try:
+            metrics = self.execute(trial, resolved, run)
+        except optuna.TrialPruned as e:
+            trial.set_user_attr("prune_reason", str(e))
+            run.end(RUN_STATUS["PRUNED"], reason=f"pruned: {e}")
+            self._summary(trial.number, cid, seed, f"pruned ({e})", t0)
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (SIGINT)")
+            run.end("KILLED", reason="interrupted (SIGINT)")
+            raise
+        except BaseException as e:
+            reason, final = self.failure_reason(e)
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("final", final)
+            run.end(RUN_STATUS["FAIL"], reason=reason)
+            self.failures.append(f"trial {trial.number} {cid} seed={seed}: {reason}"
+                                 + ("" if final else " [unexpected]"))
+            self._summary(trial.number, cid, seed, f"FAILED: {reason}", t0)
+            raise
+        values = []
+        for o in s.objectives:
+            if o.metric not in metrics:
+                reason = f"the task returned no {o.metric!r} (it returned {sorted(metrics)})"
+                trial.set_user_attr("fail_reason", reason)
+                trial.set_user_attr("final", True)
+                run.end("FAILED", reason=reason)
+                raise TrialFailed(reason)
+            values.append(float(metrics[o.metric]))
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                trial.set_user_attr(f"m.{k}", float(v))
+        run.end(RUN_STATUS["COMPLETE"])
+        self.finished.append(metrics)
+        shown = ", ".join(f"{o.metric}={metrics[o.metric]:.4g}" for o in s.objectives)
+        self._summary(trial.number, cid, seed, f"{shown}, {metrics.get('gflops_fwd', 0):.3g} GFLOPs", t0)
+        return values[0] if len(values) == 1 else values
+
+    def _summary(self, number, cid, seed, what, t0) -> None:
+        msg = f"trial {number} [{cid} seed={seed}] {what} ({time.perf_counter() - t0:.1f} s)"
+        if getattr(self, "bar", None) is not None and not self.bar.disable:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def duplicate_of(self, trial, point) -> int | None:
+        from optuna.trial import TrialState
+        for t in self.optuna_study.get_trials(deepcopy=False,
+                                              states=(TrialState.COMPLETE, TrialState.RUNNING)):
+            if t.number == trial.number or self.point_of(t) != point:
+                continue
+            if t.state == TrialState.COMPLETE or t.number < trial.number:
+                return t.number
+        return None
+
+    @staticmethod
+    def failure_reason(e: BaseException) -> tuple[str, bool]:
+        """(reason, final): final failures would repeat on a re-run, so they are not retried."""
+        import torch
+        if isinstance(e, DivergedError):
+            return f"diverged: {e}", True
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return f"out of memory: {str(e).splitlines()[0][:300]}", True
+        if isinstance(e, HarnessError):
+            return str(e), True
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}{where}", False
+
+    def execute(self, trial, resolved, run) -> dict:
+        """Build, measure cost, train and judge one trial; returns all its metrics."""
+        import optuna
+        import torch
+
+        from .data.base import build_dataset
+        from .metrics.flops import build_uninitialised, flops_of
+        from .metrics.speed import SpeedOptions, measure_speed
+        from .tasks.base import TrialContext, get_task
+
+        s, device = self.study, torch.device(self.device)
+        t_start = time.perf_counter()
+        task = get_task(s.task)()
+        key = f"{s.data}:{resolved.data_options}"
+        if key not in self.data_cache:
+            self.data_cache[key] = build_dataset(s.data, resolved.data_options)
+        data = self.data_cache[key]
+        task.check(resolved.task_options, resolved.model_cfg, data)
+
+        t0 = time.perf_counter()
+        counted, _ = build_uninitialised(resolved.variant, resolved.model_overrides)
+        cost = {k: v for k, v in flops_of(counted).items() if k != "unsupported_ops"}
+        del counted
+        t_flops = time.perf_counter() - t0
+
+        seed_everything(resolved.seed)
+        model, _ = registry.build(resolved.variant, resolved.model_overrides, device=device)
+        run.set_tags({f"impl.{k}": v for k, v in getattr(model, "tags", dict)().items()})
+        t0 = time.perf_counter()
+        speed = {}
+        if s.budget.speed_steps:
+            probe = copy.deepcopy(model)
+            sp = measure_speed(probe, SpeedOptions(batch_size=task.speed_batch_size(resolved.task_options),
+                                                   warmup=1, steps=s.budget.speed_steps), device)
+            speed = {k: v for k, v in sp.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and k not in ("batch_size", "timed_steps", "warmup_steps")}
+            del probe
+            if hasattr(model, "extra_metrics"):
+                model.extra_metrics()  # reset counters the probe may have touched
+        t_speed = time.perf_counter() - t0
+        run.log_metrics({**cost, **speed}, step=0)
+
+        workdir = self.runs_dir / "tmp" / f"{s.study_name}-trial{trial.number}-{os.getpid()}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        cache_dir = self.runs_dir / "cache"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        single = not s.multi_objective
+        sign = 1.0
+        if single and getattr(task, "intermediate_direction", "maximize") != s.objectives[0].direction:
+            sign = -1.0
+        steps_bar = None
+        if not self.bar.disable:
+            from tqdm import tqdm
+            steps_bar = tqdm(total=s.budget.steps, desc=f"  trial {trial.number}", unit="step",
+                             position=1, leave=False)
+
+        def report(value: float, step: int) -> None:
+            if not single:
+                return
+            trial.report(sign * float(value), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"at step {step}, intermediate value {value:.4g}")
+
+        def log_metrics(metrics: dict, step: int | None = None) -> None:
+            run.log_metrics(metrics, step)
+            if steps_bar is not None and step:
+                steps_bar.n = min(step, s.budget.steps)
+                steps_bar.refresh()
+
+        resolved_cfg = workdir / "resolved_config.yaml"
+        import yaml
+        resolved_cfg.write_text(yaml.safe_dump(
+            {"study": s.study_name, "trial": trial.number, **resolved.flat_params(),
+             "budget": s.budget.__dict__}, sort_keys=True))
+        run.log_artifact(resolved_cfg)
+        seed_everything(resolved.seed)
+        ctx = TrialContext(model=model, variant=resolved.variant, model_cfg=resolved.model_cfg,
+                           options=resolved.task_options, data=data, budget=s.budget,
+                           seed=resolved.seed, device=device, workdir=workdir, cache_dir=cache_dir,
+                           report=report, log_metrics=log_metrics, log_artifact=run.log_artifact,
+                           set_tags=run.set_tags,
+                           generator=torch.Generator().manual_seed(resolved.seed))
+        t0 = time.perf_counter()
+        try:
+            metrics = task.run(ctx)
+        finally:
+            if steps_bar is not None:
+                steps_bar.close()
+        t_task = time.perf_counter() - t0
+        total = time.perf_counter() - t_start
+        overhead = total - t_task
+        out = {**cost, **speed, **metrics, "trial_time_s": total, "task_time_s": t_task,
+               "flops_time_s": t_flops, "speed_time_s": t_speed,
+               "overhead_time_s": overhead, "overhead_frac": overhead / total if total else 0.0,
+               "tracking_time_s": run.log_seconds}
+        run.log_metrics({k: v for k, v in out.items() if k not in cost and k not in speed},
+                        step=s.budget.steps)
+        del model
+        gc.collect()
+        return out
+
+
+# ------------------------------------------------------------ entry points
+
+def prepare(study_path, profile, storage, tracking_uri, runs_dir, device) -> tuple:
+    """Validate everything (no compute, no writes) and resolve the store URLs."""
+    runs_dir = Path(runs_dir or "runs")
+    study = load_study(study_path, profile)
+    storage_url = check_storage_url(storage or os.environ.get("HARNESS_STORAGE") or default_storage(runs_dir))
+    from .tracking import check_tracking_uri
+    tracking = check_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                  or default_tracking_uri(runs_dir))
+    dev = resolve_device(device or study.device)
+    return study, storage_url, tracking, runs_dir, dev
+
+
+def command_line() -> str:
+    args = [a for a in sys.argv[1:]]
+    masked = [mask_url(a) for a in args]
+    return "harness " + " ".join(masked)
+
+
+def run_study(study_path, *, profile=None, storage=None, tracking_uri=None, n_trials=None,
+              timeout=None, runs_dir="runs", workers=1, device=None, quiet=False) -> int:
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"--n-trials must be >= 1, got {n_trials}")
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
+    if workers < 1 or workers > 256:
+        raise ConfigError(f"--workers must be in [1, 256], got {workers}")
+    study, storage_url, tracking, runs_dir, dev = prepare(study_path, profile, storage,
+                                                          tracking_uri, runs_dir, device)
+    if workers > 1:
+        return run_local_workers(study_path, profile, storage_url, tracking, runs_dir, dev, workers, quiet)
+    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line()).run(n_trials, timeout)
+
+
+def run_worker(study_path, *, profile=None, storage=None, tracking_uri=None, runs_dir="runs",
+               device=None, quiet=False) -> int:
+    study, storage_url, tracking, runs_dir, dev = prepare(study_path, profile, storage,
+                                                          tracking_uri, runs_dir, device)
+    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line()).run()
+
+
+def run_local_workers(study_path, profile, storage_url, tracking, runs_dir, device, workers, quiet) -> int:
+    """N local `harness worker` processes on one storage; waits for all."""
+    # the first worker creates the study and enqueues the grid before the others start
+    base = [sys.executable, "-m", "harness.cli", "worker", str(study_path), "--storage", storage_url,
+            "--tracking-uri", tracking, "--runs-dir", str(runs_dir), "--device", device, "--quiet"]
+    if profile:
+        base += ["--profile", profile]
+    runner = Runner(load_study(study_path, profile), storage_url, tracking, runs_dir, device, True)
+    runner.open()
+    runner.sync_grid()
+    procs = [subprocess.Popen(base) for _ in range(workers)]
+    codes = []
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(2)
+        codes = [p.wait() for p in procs]
+        raise
+    return max(codes) if codes else 0
