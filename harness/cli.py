@@ -134,14 +134,14 @@ def cmd_run(args) -> int:
     return run_study(args.study, profile=args.profile, storage=args.storage,
                      tracking_uri=args.tracking_uri, n_trials=args.n_trials,
                      timeout=args.timeout, runs_dir=args.runs_dir, workers=args.workers,
-                     device=args.device, quiet=args.quiet)
+                     device=args.device, quiet=args.quiet, argv=args.argv)
 
 
 def cmd_worker(args) -> int:
     from .sweep import run_worker
     return run_worker(args.study, profile=args.profile, storage=args.storage,
                       tracking_uri=args.tracking_uri, runs_dir=args.runs_dir,
-                      device=args.device, quiet=args.quiet)
+                      device=args.device, quiet=args.quiet, argv=args.argv)
 
 
 def cmd_report(args) -> int:
@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "bench-packing":
             return cmd_bench_packing(None, argv[1:])
         args = parser.parse_args(argv)
+        args.argv = argv
         return int(args.fn(args) or 0)
     except HarnessError as e:
         print(f"harness: error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,7 @@ class Runner:
         if self.storage_url.startswith("sqlite:///"):
             Path(self.storage_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(self.tracking_uri, self.study.study_name, self.runs_dir)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
         retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
 
         def on_stale(study, trial):  # heartbeat stopped: close its MLflow run, then retry
@@ -189,12 +191,27 @@ class Runner:
                 if t.user_attrs.get("mlflow_run_id"):
                     terminate_run(self.tracker.client, t.user_attrs["mlflow_run_id"], "KILLED", reason)
 
+    def close_dead_parent_runs(self) -> None:
+        """Parent runs of `harness run` processes on this host that died (kill -9): KILLED."""
+        client = self.tracker.client
+        runs = client.search_runs(
+            [self.tracker.experiment_id],
+            filter_string=f"tags.`harness.kind` = 'study_run' and attributes.status = 'RUNNING' "
+                          f"and tags.host = '{self.host}'", max_results=1000)
+        for r in runs:
+            pid = r.data.tags.get("pid")
+            if pid and int(pid) != self.pid and not pid_alive(int(pid)):
+                terminate_run(client, r.info.run_id, "KILLED", f"process {pid} died")
+
     def sync_grid(self) -> tuple[int, int]:
         """Enqueue the grid points not done and not pending; returns (done, pending)."""
         import optuna
         from optuna.trial import TrialState
-        optuna.storages.fail_stale_trials(self.optuna_study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.optuna_study)
         self.fail_dead_local_trials()
+        self.close_dead_parent_runs()
         done, pending = set(), set()
         for t in self.optuna_study.get_trials(deepcopy=False):
             pt = self.point_of(t)
@@ -240,7 +257,7 @@ class Runner:
             f"{s.study_name} @ {time.strftime('%Y-%m-%d %H:%M:%S')}",
             {**env, "harness.kind": "study_run", "study": s.study_name, "profile": s.profile or "",
              "harness.command": self.command, "question": s.question,
-             "storage": mask_url(self.storage_url)},
+             "storage": mask_url(self.storage_url), "pid": self.pid},
             {"study_file": str(s.path), "n_grid_points": total})
         self.parent, self.env = parent, env
         self.bar = tqdm(total=total, initial=done, desc=s.study_name, unit="trial",
@@ -277,6 +294,8 @@ class Runner:
     def objective(self, trial):
         import optuna
         s = self.study
+        trial.set_user_attr("host", self.host)  # first: a dead worker's trial is recognisable
+        trial.set_user_attr("pid", self.pid)
         fixed = self.storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
         if not fixed:  # the queue ran dry between our check and Optuna's ask
             trial.set_user_attr("duplicate_of", -1)
@@ -300,8 +319,8 @@ class Runner:
             else:
                 search_values[key] = trial.suggest_categorical(key, sp.choices)
         resolved = resolve_trial(s, cells[cid], seed, search_values, data_info_cache=self.data_cache)
-        for k, v in {"host": self.host, "pid": self.pid, "cell_id": cid, "seed": seed}.items():
-            trial.set_user_attr(k, v)
+        trial.set_user_attr("cell_id", cid)
+        trial.set_user_attr("seed", seed)
         tags = {**self.env, "harness.kind": "trial", "study": s.study_name, "trial_number": trial.number,
                 "cell_id": cid, "seed": seed, "variant": resolved.variant, "task": s.task,
                 "data": s.data, **{f"axis.{k}": v for k, v in cells[cid].items()}}
@@ -494,14 +513,16 @@ def prepare(study_path, profile, storage, tracking_uri, runs_dir, device) -> tup
     return study, storage_url, tracking, runs_dir, dev
 
 
-def command_line() -> str:
-    args = [a for a in sys.argv[1:]]
-    masked = [mask_url(a) for a in args]
-    return "harness " + " ".join(masked)
+def command_line(argv: list[str] | None = None) -> str:
+    """The invocation as typed (URLs masked), for the parent run and the report."""
+    import shlex
+    args = sys.argv[1:] if argv is None else argv
+    return "harness " + " ".join(shlex.quote(mask_url(a)) for a in args)
 
 
 def run_study(study_path, *, profile=None, storage=None, tracking_uri=None, n_trials=None,
-              timeout=None, runs_dir="runs", workers=1, device=None, quiet=False) -> int:
+              timeout=None, runs_dir="runs", workers=1, device=None, quiet=False,
+              argv: list[str] | None = None) -> int:
     if n_trials is not None and n_trials < 1:
         raise ConfigError(f"--n-trials must be >= 1, got {n_trials}")
     if timeout is not None and timeout <= 0:
@@ -512,14 +533,14 @@ def run_study(study_path, *, profile=None, storage=None, tracking_uri=None, n_tr
                                                           tracking_uri, runs_dir, device)
     if workers > 1:
         return run_local_workers(study_path, profile, storage_url, tracking, runs_dir, dev, workers, quiet)
-    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line()).run(n_trials, timeout)
+    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line(argv)).run(n_trials, timeout)
 
 
 def run_worker(study_path, *, profile=None, storage=None, tracking_uri=None, runs_dir="runs",
-               device=None, quiet=False) -> int:
+               device=None, quiet=False, argv: list[str] | None = None) -> int:
     study, storage_url, tracking, runs_dir, dev = prepare(study_path, profile, storage,
                                                           tracking_uri, runs_dir, device)
-    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line()).run()
+    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line(argv)).run()
 
 
 def run_local_workers(study_path, profile, storage_url, tracking, runs_dir, device, workers, quiet) -> int:

@@ -115,6 +115,7 @@ def build_uninitialised(name: str, overrides: dict | None = None) -> tuple[nn.Mo
     with torch.device("meta"):
         model, cfg = registry.build(name, overrides)
     model = model.to_empty(device="cpu")
-    for buf_name, buf in list(model.named_buffers()):  # buffers (pos-embeds) must be real
-        buf.zero_()
+    with torch.no_grad():  # zeros, not garbage: denormal garbage makes CPU matmuls crawl
+        for t in [*model.parameters(), *model.buffers()]:
+            t.zero_()
     return model, cfg

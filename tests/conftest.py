@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny, fast study and helpers to run the real CLI in-process."""
+from __future__ import annotations
+
+import sqlite3
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness import cli
+
+TINY_STUDY = """\
+name: {name}
+question: Does patch size matter for a 2-layer ViT on 8x8 digits?
+task:
+  name: classify
+  options: {{lr: 3.0e-3, batch_size: 32, eval_batch_size: 512, log_every: 2}}
+data: {{name: digits, options: {{image_size: 8}}}}
+model:
+  variant: {variant}
+  config: {{depth: 1, hidden_size: 16, num_heads: 2, mlp_ratio: 1.0}}
+sweep:
+{sweep}
+repeats: {repeats}
+budget: {{steps: {steps}, eval_every: {eval_every}, speed_steps: 1}}
+objectives:
+{objectives}
+pruner: {{name: none}}
+device: cpu
+profiles:
+  smoke: {{budget: {{steps: 2}}}}
+"""
+
+
+def write_study(path: Path, name: str = "tiny", *, variant: str = "vit-digits",
+                sweep: str = "  patch_size: [2, 4]\n  pool: [cls, mean]", repeats: int = 2,
+                steps: int = 4, eval_every: int = 2, objectives: str = "  - {metric: accuracy, direction: maximize}",
+                extra: str = "") -> Path:
+    path.write_text(TINY_STUDY.format(name=name, variant=variant, sweep=sweep, repeats=repeats,
+                                      steps=steps, eval_every=eval_every, objectives=objectives) + textwrap.dedent(extra))
+    return path
+
+
+def run_cli(*args: str) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def row_counts(runs_dir: Path) -> dict:
+    """Rows in every table of both embedded stores (to prove nothing was written)."""
+    out = {}
+    for db in ("optuna.db", "mlflow.db"):
+        p = runs_dir / db
+        if not p.exists():
+            out[db] = None
+            continue
+        con = sqlite3.connect(p)
+        tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
+        out[db] = {t: con.execute(f'select count(*) from "{t}"').fetchone()[0] for t in tables}
+        con.close()
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory) -> Path:
+    """One runs folder for the session (creating MLflow's SQLite schema takes seconds)."""
+    return tmp_path_factory.mktemp("runs")

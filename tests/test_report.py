@@ -1,0 +1,46 @@
+import hashlib
+
+import pytest
+
+from harness import cli
+
+from .conftest import write_study
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def study(shared_runs):
+    p = write_study(shared_runs / "rep.yaml", name="rep", steps=4,
+                    extra="claims:\n  - {text: 'Smaller patches are more accurate', axis: patch_size, best: 2}\n")
+    assert cli.main(["run", str(p), "--runs-dir", str(shared_runs), "--quiet"]) == 0
+    return p
+
+
+def test_report_is_complete_and_byte_for_byte_deterministic(study, shared_runs, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert cli.main(["report", str(study), "--runs-dir", str(shared_runs), "--out", str(out)]) == 0
+    assert digest(a) == digest(b)
+    names = {p.name for p in a.iterdir()}
+    assert {"README.md", "report.html", "results.csv", "results.tex", "pareto.png",
+            "throughput.png", "loss_curves.png"} <= names
+    md = (a / "README.md").read_text()
+    assert "Does patch size matter" in md                      # the question
+    assert "harness run" in md and "rep.yaml" in md            # the exact command
+    assert "### By patch_size" in md and "### By pool" in md   # one table per axis
+    assert "★" in md and "±" in md
+    assert "Smaller patches are more accurate" in md and ("HOLDS here" in md or "DOES NOT HOLD here" in md)
+    assert "torch version" in md
+    import pandas as pd
+    csv = pd.read_csv(a / "results.csv")
+    assert len(csv) == 8 and {"cell", "seed", "accuracy", "gflops_fwd"} <= set(csv.columns)
+    assert "\\begin{tabular}" in (a / "results.tex").read_text()
+
+
+def test_report_of_unknown_study_is_a_clear_error(tmp_path, shared_runs, capsys):
+    p = write_study(tmp_path / "never.yaml", name="never_run")
+    assert cli.main(["report", str(p), "--runs-dir", str(shared_runs), "--out", str(tmp_path / "o")]) == 2
+    assert "no MLflow experiment" in capsys.readouterr().err
