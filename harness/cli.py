@@ -129,19 +129,32 @@ def cmd_bench(args) -> int:
 
 # ------------------------------------------------------------------- studies
 
+def set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    if not 1 <= n <= (os.cpu_count() or 1) * 4:
+        raise ConfigError(f"--threads {n}: valid 1..{(os.cpu_count() or 1) * 4}")
+    import torch
+    torch.set_num_threads(n)
+
+
 def cmd_run(args) -> int:
+    set_threads(args.threads)
     from .sweep import run_study
     return run_study(args.study, profile=args.profile, storage=args.storage,
                      tracking_uri=args.tracking_uri, n_trials=args.n_trials,
                      timeout=args.timeout, runs_dir=args.runs_dir, workers=args.workers,
-                     device=args.device, quiet=args.quiet, argv=args.argv)
+                     device=args.device, quiet=args.quiet, argv=args.argv,
+                     heartbeat=args.heartbeat)
 
 
 def cmd_worker(args) -> int:
+    set_threads(args.threads)
     from .sweep import run_worker
     return run_worker(args.study, profile=args.profile, storage=args.storage,
                       tracking_uri=args.tracking_uri, runs_dir=args.runs_dir,
-                      device=args.device, quiet=args.quiet, argv=args.argv)
+                      device=args.device, quiet=args.quiet, argv=args.argv,
+                      heartbeat=args.heartbeat)
 
 
 def cmd_report(args) -> int:
@@ -203,15 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=1, help="local worker processes")
     r.add_argument("--device", default=None, help="override the study's device: auto | cpu | cuda")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; recorded as a tag)")
+    r.add_argument("--heartbeat", type=int, default=10,
+                   help="seconds between a trial's heartbeats; dead after 4 missed (default 10)")
     add_store_args(r)
     r.set_defaults(fn=cmd_run)
 
     w = sub.add_parser("worker", help="join a shared study (PostgreSQL storage) as one worker")
     w.add_argument("study")
     w.add_argument("--profile", default=None)
-    w.add_argument("--storage", required=False, default=None)
+    w.add_argument("--storage", default=None,
+                   help="Optuna storage URL shared by all workers (or HARNESS_STORAGE)")
     w.add_argument("--device", default=None)
     w.add_argument("--quiet", action="store_true")
+    w.add_argument("--heartbeat", type=int, default=10)
+    w.add_argument("--threads", type=int, default=None)
     add_store_args(w)
     w.set_defaults(fn=cmd_worker)
 

@@ -55,6 +55,13 @@ class Variant(nn.Module):
         """Family-specific figures gathered while running (padding fraction, ...)."""
         return {}
 
+    def flops(self) -> dict:
+        """Params and forward FLOPs per sample at the default input (harness convention).
+
+        Override to report more (NaViT splits useful FLOPs from those spent on padding)."""
+        from harness.metrics.flops import flops_of
+        return flops_of(self)
+
 
 @dataclass(frozen=True)
 class VariantSpec:

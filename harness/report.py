@@ -352,12 +352,18 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
     # environment and status
     status_counts = trials["status"].value_counts().sort_index()
     status_line = ", ".join(f"{n} {s.lower()}" for s, n in status_counts.items())
-    env_keys = ["device_name", "torch_version", "python_version", "harness_version", "git_sha"]
+    env_keys = ["device_name", "torch_threads", "torch_version", "python_version", "harness_version", "git_sha"]
     env = []
     for k in env_keys:
         col = f"tags.{k}"
         vals = sorted(set(trials[col].dropna().astype(str))) if col in trials else []
         env.append(f"- {k.replace('_', ' ')}: {', '.join(vals) if vals else 'n/a'}")
+    loads = [float(x) for c in ("tags.load_avg_1m_start", "tags.load_avg_1m_end") if c in trials
+             for x in trials[c].dropna()]
+    if loads:
+        env.append(f"- load average (1 min) during trials: {min(loads):.2f} to {max(loads):.2f} "
+                   f"on {trials['tags.device_name'].dropna().iloc[0] if 'tags.device_name' in trials else '?'}"
+                   " (throughput figures are only comparable at similar load)")
     cmds = sorted(set(parents.get("tags.harness.command", pd.Series(dtype=str)).dropna()))
     cmd = command or (cmds[0] if cmds else f"harness run {study.path}")
     report_cmd = f"harness report {study.path}" + (f" --profile {study.profile}" if study.profile else "")

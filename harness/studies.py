@@ -25,9 +25,9 @@ from .data.base import check_local_path, get_dataset
 from .errors import ConfigError, HarnessError, StudyError, did_you_mean
 from .tasks.base import Budget, get_task
 
-TOP_KEYS = ("name", "question", "task", "data", "model", "sweep", "search", "search_trials",
+TOP_KEYS = ("name", "question", "task", "data", "model", "sweep", "exclude", "search", "search_trials",
             "repeats", "seeds", "budget", "objectives", "sampler", "pruner", "device", "profiles",
-            "report_metrics", "claims", "notes")
+            "report_metrics", "claims", "oom_backoff", "notes")
 REQUIRED = ("name", "question", "task", "data", "model", "objectives")
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "none", "hyperband", "percentile")
@@ -69,6 +69,7 @@ class Study:
     variant: str
     model_config: dict
     sweep: dict[str, list]
+    exclude: list[dict]          # partial cells removed from the grid
     search: dict[str, SearchParam]
     search_trials: int
     seeds: list[int]
@@ -79,6 +80,7 @@ class Study:
     device: str
     resolved: dict               # the whole file after the profile was merged
     family: str = ""
+    oom_backoff: bool = False    # halve the task's batch_size after an out-of-memory error
 
     @property
     def study_name(self) -> str:
@@ -92,7 +94,9 @@ class Study:
     def cells(self) -> list[dict]:
         """Every combination of the sweep values, in file order."""
         keys = list(self.sweep)
-        return [dict(zip(keys, combo)) for combo in itertools.product(*self.sweep.values())]
+        cells = [dict(zip(keys, combo)) for combo in itertools.product(*self.sweep.values())]
+        return [c for c in cells
+                if not any(all(c[k] == v for k, v in ex.items()) for ex in self.exclude)]
 
     def grid_points(self) -> list[tuple[str, int]]:
         """(cell id, seed) pairs, each run search_trials times."""
@@ -275,6 +279,17 @@ def load_study(path: str | Path, profile: str | None = None, *,
                 raise err("sweep.variant", f"{v!r} is family {s.family!r} but model.variant "
                           f"{variant!r} is {spec.family!r}; sweep variants of one family")
 
+    # --- exclude: partial cells dropped from the grid (e.g. drop rate 0 under every distribution)
+    exclude = resolved.get("exclude") or []
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
+        raise err("exclude", "must be a list of partial cells, e.g. [{token_drop: beta, drop_rate: 0.0}]")
+    for i, ex in enumerate(exclude):
+        for k, v in ex.items():
+            if k not in sweep:
+                raise err(f"exclude[{i}].{k}", f"not a sweep axis; valid: {list(sweep)}")
+            if v not in sweep[k]:
+                raise err(f"exclude[{i}].{k}", f"{v!r} is not one of the swept values {sweep[k]}")
+
     # --- search: tuned hyper-parameters inside each cell
     search_raw = resolved.get("search") or {}
     if not isinstance(search_raw, dict):
@@ -323,7 +338,7 @@ def load_study(path: str | Path, profile: str | None = None, *,
         objs_raw = [objs_raw]
     if not isinstance(objs_raw, list):
         raise err("objectives", "must be a list of {metric, direction}")
-    known = list(task_cls.metrics) + list(ENGINE_METRICS)
+    known = list(task_cls.metrics) + list(ENGINE_METRICS) + list(getattr(spec.config_cls, "METRICS", ()))
     objectives = []
     for i, o in enumerate(objs_raw):
         if not isinstance(o, dict) or set(o) - {"metric", "direction"} or "metric" not in o:
@@ -388,17 +403,22 @@ def load_study(path: str | Path, profile: str | None = None, *,
     if not isinstance(pruner, dict) or pruner.get("name") not in PRUNERS:
         raise err("pruner.name", f"{pruner!r}; valid: {', '.join(PRUNERS)}")
     _check_pruner_args(pruner, err)
+    oom_backoff = resolved.get("oom_backoff", False)
+    if not isinstance(oom_backoff, bool):
+        raise err("oom_backoff", f"must be true or false, got {oom_backoff!r}")
     device = resolved.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise err("device", f"{device!r}; valid: auto, cpu, cuda")
 
     study = Study(path=path, name=name, profile=profile, question=resolved["question"].strip(),
                   task=task_name, task_options=task_opts, data=data_name, data_options=data_opts,
-                  variant=variant, model_config=model_cfg, sweep=sweep, search=search,
+                  variant=variant, model_config=model_cfg, sweep=sweep, exclude=exclude, search=search,
                   search_trials=search_trials, seeds=seeds, budget=budget, objectives=objectives,
                   sampler=sampler, pruner=pruner, device=device, resolved=resolved,
-                  family=spec.family)
+                  family=spec.family, oom_backoff=oom_backoff)
 
+    if not study.cells():
+        raise err("exclude", "removes every cell of the grid")
     # --- every cell must build (types, combinations), before any compute
     roots = allowed_roots if allowed_roots is not None else default_roots()
     infos: dict[str, dict] = {}

@@ -16,9 +16,9 @@ How "exactly once" holds, with one process or many:
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -34,8 +34,9 @@ from .errors import ConfigError, DivergedError, HarnessError, StorageError, Tria
 from .studies import Study, load_study, resolve_trial
 from .tracking import RUN_STATUS, Tracker, default_tracking_uri, environment_tags, mask_url, terminate_run
 
-HEARTBEAT_S = 10
-GRACE_S = 40
+HEARTBEAT_S = 10      # a running trial's worker writes a heartbeat this often (seconds)
+GRACE_FACTOR = 4      # ... and is declared dead after GRACE_FACTOR missed heartbeats
+MAX_RETRIES = 3       # a grid point whose worker died this many times is given up (and reported)
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 
@@ -92,13 +93,14 @@ class Runner:
     """One process taking trials of one study until no grid point is left."""
 
     def __init__(self, study: Study, storage_url: str, tracking_uri: str, runs_dir: Path,
-                 device: str, quiet: bool = False, command: str = ""):
+                 device: str, quiet: bool = False, command: str = "", heartbeat: int = HEARTBEAT_S):
         self.study, self.runs_dir, self.device = study, Path(runs_dir), device
         self.storage_url, self.tracking_uri = storage_url, tracking_uri
-        self.quiet, self.command = quiet, command
+        self.quiet, self.command, self.heartbeat = quiet, command, heartbeat
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.data_cache: dict = {}
         self.failures: list[str] = []
+        self.given_up: set = set()
         self.finished: list[dict] = []
 
     # ------------------------------------------------------------- stores
@@ -123,7 +125,8 @@ class Runner:
         engine_kwargs = {"connect_args": {"timeout": 60}} if self.storage_url.startswith("sqlite") else {}
         try:
             self.storage = RDBStorage(self.storage_url, engine_kwargs=engine_kwargs,
-                                      heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                      heartbeat_interval=self.heartbeat,
+                                      grace_period=self.heartbeat * GRACE_FACTOR,
                                       heartbeat_stale_trial_callback=on_stale)
         except Exception as e:
             raise StorageError(f"cannot open Optuna storage {mask_url(self.storage_url)}: "
@@ -212,7 +215,7 @@ class Runner:
             optuna.storages.fail_stale_trials(self.optuna_study)
         self.fail_dead_local_trials()
         self.close_dead_parent_runs()
-        done, pending = set(), set()
+        done, pending, deaths = set(), set(), {}
         for t in self.optuna_study.get_trials(deepcopy=False):
             pt = self.point_of(t)
             if pt is None or t.user_attrs.get("duplicate_of") is not None:
@@ -221,8 +224,14 @@ class Runner:
                 done.add(pt)
             elif t.state == TrialState.FAIL and t.user_attrs.get("final"):
                 done.add(pt)
+            elif t.state == TrialState.FAIL:
+                deaths[pt] = deaths.get(pt, 0) + 1
             elif t.state in (TrialState.WAITING, TrialState.RUNNING):
                 pending.add(pt)
+        for pt, n in deaths.items():
+            if n >= MAX_RETRIES and pt not in done and pt not in pending:
+                done.add(pt)
+                self.given_up.add(pt)
         for cell, seed, slot in self.grid():
             if (cell, seed, slot) in done or (cell, seed, slot) in pending:
                 continue
@@ -249,8 +258,8 @@ class Runner:
         print(f"study {s.study_name}: {total} grid points ({len(s.cells())} cells x "
               f"{len(s.seeds)} seeds{f' x {s.search_trials} searched' if s.search_trials > 1 else ''}); "
               f"{done} done, {self.waiting()} to run here or by other workers")
-        if self.waiting() == 0:
-            print("nothing left to run" + (f" ({pending} running elsewhere)" if pending else ""))
+        if self.waiting() == 0 and not self.wait_for_stragglers():
+            print("nothing left to run")
             return 0
         env = environment_tags(self.device)
         parent = self.tracker.start_run(
@@ -266,7 +275,7 @@ class Runner:
         try:
             self.optuna_study.optimize(
                 self.objective, n_trials=n_trials, timeout=timeout, catch=(Exception,),
-                callbacks=[self._after_trial], gc_after_trial=True)
+                callbacks=[self._after_trial], gc_after_trial=False)
         except KeyboardInterrupt:
             status = "KILLED"
             print("\nharness: interrupted; the current trial is marked failed and will be re-run "
@@ -287,8 +296,30 @@ class Runner:
     def _after_trial(self, study, trial) -> None:
         if self.point_of(trial) is not None and not trial.user_attrs.get("duplicate_of"):
             self.bar.update(1)
-        if self.waiting() == 0:
+        if self.waiting() == 0 and not self.wait_for_stragglers():
             study.stop()
+
+    def wait_for_stragglers(self) -> bool:
+        """No queued work: wait while other workers run trials, in case one of them dies.
+
+        Returns True when work reappeared (a dead worker's trial was re-queued), False
+        when every grid point is done."""
+        from optuna.trial import TrialState
+        announced = False
+        while True:
+            self.sync_grid()  # fails stale / dead trials, re-queues their points
+            if self.waiting():
+                return True
+            grid = set(self.grid())
+            running = [t for t in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       if self.point_of(t) in grid]
+            if not running:
+                return False
+            if not announced:
+                print(f"waiting for {len(running)} trial(s) running in other workers "
+                      f"(re-run here if their worker dies)", flush=True)
+                announced = True
+            time.sleep(self.heartbeat)
 
     # ------------------------------------------------------------ a trial
     def objective(self, trial):
@@ -321,7 +352,7 @@ class Runner:
         resolved = resolve_trial(s, cells[cid], seed, search_values, data_info_cache=self.data_cache)
         trial.set_user_attr("cell_id", cid)
         trial.set_user_attr("seed", seed)
-        tags = {**self.env, "harness.kind": "trial", "study": s.study_name, "trial_number": trial.number,
+        tags = {**self.env, "harness.kind": "trial", "load_avg_1m_start": f"{os.getloadavg()[0]:.2f}", "study": s.study_name, "trial_number": trial.number,
                 "cell_id": cid, "seed": seed, "variant": resolved.variant, "task": s.task,
                 "data": s.data, **{f"axis.{k}": v for k, v in cells[cid].items()}}
         run = self.tracker.start_run(f"{cid} seed={seed}" + (f" #{slot}" if slot else ""), tags,
@@ -360,11 +391,33 @@ class Runner:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 trial.set_user_attr(f"m.{k}", float(v))
+        run.set_tags({"load_avg_1m_end": f"{os.getloadavg()[0]:.2f}"})
         run.end(RUN_STATUS["COMPLETE"])
         self.finished.append(metrics)
         shown = ", ".join(f"{o.metric}={metrics[o.metric]:.4g}" for o in s.objectives)
         self._summary(trial.number, cid, seed, f"{shown}, {metrics.get('gflops_fwd', 0):.3g} GFLOPs", t0)
         return values[0] if len(values) == 1 else values
+
+    def run_task(self, task, ctx, run) -> dict:
+        """task.run, halving the batch size after an out-of-memory error if the study asks."""
+        import dataclasses
+
+        import torch
+        while True:
+            try:
+                return task.run(ctx)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+                bs = getattr(ctx.options, "batch_size", None)
+                if not (oom and self.study.oom_backoff and isinstance(bs, int) and bs > 1):
+                    raise
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                ctx.options = dataclasses.replace(ctx.options, batch_size=bs // 2)
+                run.set_tags({"oom_backoff": f"batch_size {bs} -> {bs // 2}"})
+                print(f"out of memory at batch_size {bs}; retrying with {bs // 2}", file=sys.stderr)
+                seed_everything(ctx.seed)
+                ctx.generator = torch.Generator().manual_seed(ctx.seed)
 
     def _summary(self, number, cid, seed, what, t0) -> None:
         msg = f"trial {number} [{cid} seed={seed}] {what} ({time.perf_counter() - t0:.1f} s)"
@@ -403,7 +456,7 @@ class Runner:
         import torch
 
         from .data.base import build_dataset
-        from .metrics.flops import build_uninitialised, flops_of
+        from .metrics.flops import build_uninitialised
         from .metrics.speed import SpeedOptions, measure_speed
         from .tasks.base import TrialContext, get_task
 
@@ -418,7 +471,7 @@ class Runner:
 
         t0 = time.perf_counter()
         counted, _ = build_uninitialised(resolved.variant, resolved.model_overrides)
-        cost = {k: v for k, v in flops_of(counted).items() if k != "unsupported_ops"}
+        cost = {k: v for k, v in counted.flops().items() if k != "unsupported_ops"}
         del counted
         t_flops = time.perf_counter() - t0
 
@@ -481,7 +534,7 @@ class Runner:
                            generator=torch.Generator().manual_seed(resolved.seed))
         t0 = time.perf_counter()
         try:
-            metrics = task.run(ctx)
+            metrics = self.run_task(task, ctx, run)
         finally:
             if steps_bar is not None:
                 steps_bar.close()
@@ -494,8 +547,7 @@ class Runner:
                "tracking_time_s": run.log_seconds}
         run.log_metrics({k: v for k, v in out.items() if k not in cost and k not in speed},
                         step=s.budget.steps)
-        del model
-        gc.collect()
+        del model  # (no gc.collect() per trial: it cost ~0.7 s each with MLflow and torch loaded)
         return out
 
 
@@ -522,44 +574,62 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def run_study(study_path, *, profile=None, storage=None, tracking_uri=None, n_trials=None,
               timeout=None, runs_dir="runs", workers=1, device=None, quiet=False,
-              argv: list[str] | None = None) -> int:
+              argv: list[str] | None = None, heartbeat: int = HEARTBEAT_S) -> int:
     if n_trials is not None and n_trials < 1:
         raise ConfigError(f"--n-trials must be >= 1, got {n_trials}")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
     if workers < 1 or workers > 256:
         raise ConfigError(f"--workers must be in [1, 256], got {workers}")
+    if not 1 <= heartbeat <= 600:
+        raise ConfigError(f"--heartbeat must be in [1, 600] seconds, got {heartbeat}")
     study, storage_url, tracking, runs_dir, dev = prepare(study_path, profile, storage,
                                                           tracking_uri, runs_dir, device)
     if workers > 1:
-        return run_local_workers(study_path, profile, storage_url, tracking, runs_dir, dev, workers, quiet)
-    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line(argv)).run(n_trials, timeout)
+        if n_trials is not None or timeout is not None:
+            raise ConfigError("--n-trials and --timeout apply to one process; with --workers, "
+                              "each worker runs until the grid is done")
+        return run_local_workers(study, study_path, profile, storage_url, tracking, runs_dir, dev,
+                                 workers, heartbeat, command_line(argv))
+    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line(argv),
+                  heartbeat).run(n_trials, timeout)
 
 
 def run_worker(study_path, *, profile=None, storage=None, tracking_uri=None, runs_dir="runs",
-               device=None, quiet=False, argv: list[str] | None = None) -> int:
+               device=None, quiet=False, argv: list[str] | None = None,
+               heartbeat: int = HEARTBEAT_S) -> int:
+    if not 1 <= heartbeat <= 600:
+        raise ConfigError(f"--heartbeat must be in [1, 600] seconds, got {heartbeat}")
     study, storage_url, tracking, runs_dir, dev = prepare(study_path, profile, storage,
                                                           tracking_uri, runs_dir, device)
-    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line(argv)).run()
+    return Runner(study, storage_url, tracking, runs_dir, dev, quiet, command_line(argv),
+                  heartbeat).run()
 
 
-def run_local_workers(study_path, profile, storage_url, tracking, runs_dir, device, workers, quiet) -> int:
-    """N local `harness worker` processes on one storage; waits for all."""
-    # the first worker creates the study and enqueues the grid before the others start
-    base = [sys.executable, "-m", "harness.cli", "worker", str(study_path), "--storage", storage_url,
-            "--tracking-uri", tracking, "--runs-dir", str(runs_dir), "--device", device, "--quiet"]
-    if profile:
-        base += ["--profile", profile]
-    runner = Runner(load_study(study_path, profile), storage_url, tracking, runs_dir, device, True)
+def run_local_workers(study, study_path, profile, storage_url, tracking, runs_dir, device,
+                      workers, heartbeat, command) -> int:
+    """N local `harness worker` processes on one storage; waits for all.
+
+    The store URLs travel in the environment, not on the command line, so a password
+    never shows in `ps`.  This process creates the study and enqueues the grid first."""
+    runner = Runner(study, storage_url, tracking, runs_dir, device, True, command, heartbeat)
     runner.open()
     runner.sync_grid()
-    procs = [subprocess.Popen(base) for _ in range(workers)]
-    codes = []
+    if storage_url.startswith("sqlite"):
+        print("note: several workers on SQLite serialise their writes; use PostgreSQL "
+              "(--storage postgresql://...) for real parallel sweeps", file=sys.stderr)
+    cmd = [sys.executable, "-m", "harness.cli", "worker", str(study_path), "--runs-dir",
+           str(runs_dir), "--device", device, "--quiet", "--heartbeat", str(heartbeat)]
+    if profile:
+        cmd += ["--profile", profile]
+    env = {**os.environ, "HARNESS_STORAGE": storage_url, "MLFLOW_TRACKING_URI": tracking}
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         for p in procs:
-            p.send_signal(2)
-        codes = [p.wait() for p in procs]
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
         raise
     return max(codes) if codes else 0

@@ -81,7 +81,8 @@ def environment_tags(device: str) -> dict[str, str]:
     return {"git_sha": git_sha(), "torch_version": torch.__version__,
             "python_version": platform.python_version(), "harness_version": __version__,
             "device": device, "device_name": device_name(device),
-            "flop_convention": FLOP_CONVENTION, "host": socket.gethostname()}
+            "flop_convention": FLOP_CONVENTION, "host": socket.gethostname(),
+            "torch_threads": str(torch.get_num_threads())}
 
 
 def _chunks(items: list, n: int):

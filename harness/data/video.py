@@ -13,7 +13,8 @@ axis of motion (with 4 directions) or only the digit (with 2).  Test clips use d
 that no training clip uses.
 
 ``video_folder``: ``root/<class>/<clip>``, where a clip is a folder of frame images
-(PNG/JPEG/BMP, read in name order) or a ``.npy`` array (T, H, W) or (T, H, W, C);
+(PNG/JPEG/BMP, read in name order) or a ``.npy`` array (T, H, W) or (T, H, W, C)
+(integers are read as 0..255, floats as 0..1);
 ``num_frames`` frames are sampled uniformly over the clip (segment centres) and resized
 to ``image_size`` (squashed, aspect ratio not kept).  Clips are loaded into memory once.
 """

@@ -29,7 +29,8 @@ NO_MAC_OPS = frozenset(
     embedding index index_select gather scatter scatter_add masked_fill masked_fill_ fill_
     zeros_like ones_like full_like new_zeros new_ones rand rand_like randn_like randint lt gt le ge eq ne
     logical_and logical_or logical_not bitwise_not floor ceil round remainder floor_divide abs
-    cumsum argmax argmin topk sort argsort repeat_interleave dropout feature_dropout
+    cumsum argmax argmin topk sort argsort repeat_interleave repeat dropout feature_dropout
+    lift_fresh __or__ __and__
     unbind chunk split cat stack expand_as erf erfinv lerp square any all nonzero
     """.split())
 
@@ -62,7 +63,9 @@ ATTENTION_OPS = (
     "aten::_scaled_dot_product_efficient_attention",
     "aten::_scaled_dot_product_cudnn_attention",
 )
-EXTRA_HANDLES = {**{op: sdpa_flop_jit for op in ATTENTION_OPS}, "aten::baddbmm": baddbmm_flop_jit}
+EXTRA_HANDLES = {**{op: sdpa_flop_jit for op in ATTENTION_OPS}, "aten::baddbmm": baddbmm_flop_jit,
+                 # normalisation is element-wise work: no multiply-adds counted (as in the papers)
+                 "aten::layer_norm": None, "aten::group_norm": None}
 
 
 def count_params(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ class SpeedOptions:
     steps: int = 10          # timed steps
     bf16: bool = False       # torch.autocast(dtype=bfloat16)
     compile: bool = False    # torch.compile the model first
+    channels_last: bool = False  # model and 4-D/5-D inputs in channels-last memory format
     train: bool = True       # time forward + backward + AdamW step
     infer: bool = True       # time forward under inference_mode
     seed: int = 0
@@ -109,6 +110,15 @@ def summarise(prefix: str, times: list[float], batch_size: int, tokens_per_sampl
     }
 
 
+def to_channels_last(x):
+    """4-D tensors to channels_last, 5-D to channels_last_3d; anything else unchanged."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if isinstance(x, torch.Tensor) and x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
 def autocast(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
@@ -116,16 +126,25 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
-                  device: str | torch.device = "cpu") -> dict:
-    """Flat dict of train_* and infer_* timings plus peak memory, for one variant."""
+                  device: str | torch.device = "cpu", inputs: tuple | None = None) -> dict:
+    """Flat dict of train_* and infer_* timings plus peak memory, for one variant.
+
+    ``inputs``: the forward's positional args for a batch of ``opts.batch_size`` (default:
+    ``model.example_inputs``, seeded by ``opts.seed``)."""
     opts = opts or SpeedOptions()
     device = torch.device(device)
     model = model.to(device)
-    gen = torch.Generator().manual_seed(opts.seed)
-    inputs = model.example_inputs(opts.batch_size, device=device, generator=gen)
-    tokens = model.tokens_per_sample()
+    if inputs is None:
+        gen = torch.Generator().manual_seed(opts.seed)
+        inputs = model.example_inputs(opts.batch_size, device=device, generator=gen)
+    if opts.channels_last:
+        with torch.no_grad():  # conv weights (4-D / 5-D) only; everything else is unchanged
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = to_channels_last(t.data)
+        inputs = tuple(to_channels_last(x) for x in inputs)
     run = torch.compile(model) if opts.compile else model
     out: dict = {"batch_size": opts.batch_size, "bf16": opts.bf16, "compile": opts.compile,
+                 "channels_last": opts.channels_last,
                  "device": str(device), "timed_steps": opts.steps, "warmup_steps": opts.warmup}
     peaks = []
     if opts.train:
@@ -141,7 +160,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
 
         with peak_memory(device) as mem:
             times = time_steps(train_step, device, opts.warmup, opts.steps)
-        out.update(summarise("train", times, opts.batch_size, tokens))
+        out.update(summarise("train", times, opts.batch_size, model.tokens_per_sample()))
         out["train_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)
         del optim
@@ -154,7 +173,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
 
         with peak_memory(device) as mem:
             times = time_steps(infer_step, device, opts.warmup, opts.steps)
-        out.update(summarise("infer", times, opts.batch_size, tokens))
+        out.update(summarise("infer", times, opts.batch_size, model.tokens_per_sample()))
         out["infer_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)
     out["peak_mem_mb"] = max(p["peak_mem_mb"] for p in peaks) if peaks else 0.0

@@ -11,8 +11,10 @@ Data in [0, 1] (``unit``) is refused rather than silently rescaled: the noise sc
 clipping of x0 assume [-1, 1], so the study file must say ``value_range: symmetric``.
 
 Intermediate values (``ctx.report``, used for pruning) are the mean training loss over the
-last ``budget.report_every`` steps: lower is better, the direction of ``fid_*`` objectives
-(``report_direction`` below).  With a maximised objective (``cond_acc``) use ``pruner: none``.
+last ``budget.report_every`` steps: lower is better (``intermediate_direction = "minimize"``,
+the direction of ``fid_*``; the engine flips the sign when the objective is maximised, e.g.
+``cond_acc``).  The diffusion loss is a noisy proxy of sample quality: ablations should use
+``pruner: none``.
 """
 from __future__ import annotations
 
@@ -121,7 +123,7 @@ def _sync(device: torch.device) -> None:
 
 def save_grid(images: torch.Tensor, path: Path, rows: int, value_range: str) -> Path:
     """(N, C, H, W) -> one PNG with ``rows`` rows (pixels: [-1, 1]; latents: per-image min-max
-    of the first channel), upscaled to at least 32 px per image."""
+    of the first channel), upscaled to at least 32 px per image, a grey line between images."""
     from PIL import Image
     x = images.detach().float().cpu()
     if value_range == "latent" or x.shape[1] not in (1, 3):
@@ -131,14 +133,15 @@ def save_grid(images: torch.Tensor, path: Path, rows: int, value_range: str) -> 
         x = (x - lo) / (hi - lo).clamp(min=1e-8)
     else:
         x = (x.clamp(-1, 1) + 1) / 2
+    k = max(1, math.ceil(32 / x.shape[-2]))  # upscale factor
+    x = torch.nn.functional.pad(x, (0, 1, 0, 1), value=0.5)  # a grey line between images
     n, c, h, w = x.shape
     cols = math.ceil(n / rows)
-    pad = torch.ones(rows * cols - n, c, h, w)
-    x = torch.cat([x, pad]).reshape(rows, cols, c, h, w)
+    fill = torch.full((rows * cols - n, c, h, w), 0.5)
+    x = torch.cat([x, fill]).reshape(rows, cols, c, h, w)
     grid = x.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)  # (rows*H, cols*W, C)
     a = (grid.numpy() * 255).round().astype(np.uint8)
-    im = Image.fromarray(a[..., 0] if c == 1 else a, mode="L" if c == 1 else "RGB")
-    k = max(1, math.ceil(32 / h))
+    im = Image.fromarray(a[..., 0] if c == 1 else a)
     im = im.resize((im.width * k, im.height * k), Image.Resampling.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
@@ -154,7 +157,7 @@ class DiffusionTask(Task):
         "fid_real_test", "feature_net_test_acc", "train_steps", "train_time_s",
         "train_step_ms", "sample_time_s", "sample_nfe", "eval_time_s")
     metric_patterns: ClassVar[tuple[str, ...]] = ("fid_*", "fid", "cond_acc", "train_loss")
-    report_direction: ClassVar[str] = "minimize"   # ctx.report gets the window's mean train loss
+    intermediate_direction: ClassVar[str] = "minimize"  # ctx.report gets the mean train loss
 
     # ------------------------------------------------------------------ checks
     def check(self, options: DiffusionOptions, model_cfg: Any, data: Any) -> None:

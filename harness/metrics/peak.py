@@ -1,0 +1,187 @@
+"""The machine's dense matmul peak, measured in this process, and MFU against it.
+
+    python -m harness.metrics.peak [--device cpu] [--sizes 2048 3072] [--json]
+
+Peak: square GEMMs (``torch.mm``, M = N = K = s) at a few large sizes, warm-up calls, then
+timed repeats (device-synchronised); the best rate over sizes and repeats is the peak, as
+the best a well-shaped dense matmul achieves here, with this torch, its BLAS and its thread
+count.  Two units, to be explicit:
+
+    real flops       2 * M * N * K per GEMM (a multiply-add is two flops): ``*_tflops``
+    MAC convention   M * N * K per GEMM (one multiply-add = one flop), the convention of
+                     ``harness.metrics.flops`` (and of the DiT / ViViT papers): ``*_tmacs``
+
+so ``peak_fp32_tflops == 2 * peak_fp32_tmacs``.
+
+MFU (model FLOPs utilisation) of a training step:
+
+    train_mfu = 3 * F_fwd * 2 * samples_per_s / peak_flops_per_s
+
+F_fwd is the forward multiply-adds per sample from ``harness.metrics.flops`` (fvcore MACs,
+attention matmuls included, element-wise ops free); x 2 turns MACs into real flops; x 3 is
+the usual rule that a training step costs a forward plus a backward of about twice the
+forward (activation gradients + weight gradients: two matmuls per forward matmul).  The
+optimiser step and the element-wise work count as zero, so MFU measures how close the
+step gets to pure dense-matmul speed.  Inference: ``infer_mfu = F_fwd * 2 * samples/s /
+peak``.  The denominator: on CUDA the bf16 dense peak (the convention of GPU MFU figures);
+on CPU the peak of the run's compute dtype (bf16 under bf16 autocast, else fp32).  A
+datasheet number can replace the measured one (``peak_tflops``, in real TFLOP/s).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+CPU_SIZES = (2048, 3072)          # 2 CPU cores: ~0.1-0.5 s per GEMM in fp32
+CUDA_SIZES = (4096, 8192)         # large enough to saturate an H100's tensor cores
+TRAIN_FLOP_FACTOR = 3             # forward + backward ~ 3 x forward (see module docstring)
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls run natively on ``device`` (not emulated at a crawl)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+              warmup: int = 1, repeats: int = 3) -> float:
+    """Best multiply-adds per second of a ``size``^3 GEMM over ``repeats`` timed calls."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(warmup):
+        torch.mm(a, b, out=out)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return size ** 3 / best
+
+
+def default_sizes(device: torch.device | str) -> tuple[int, ...]:
+    return CUDA_SIZES if torch.device(device).type == "cuda" else CPU_SIZES
+
+
+def measure_peak(device: torch.device | str = "cpu", sizes: Sequence[int] | None = None,
+                 dtypes: Sequence[str] = ("fp32", "bf16"), warmup: int = 1,
+                 repeats: int = 3) -> dict:
+    """Flat dict: ``peak_{fp32,bf16}_tflops`` (2*M*N*K / s / 1e12), ``peak_*_tmacs``
+    (M*N*K / s / 1e12), ``peak_*_size`` (the GEMM side that gave the best), plus the device
+    and thread count.  bf16 is skipped (absent) where the device has no native bf16."""
+    device = torch.device(device)
+    sizes = tuple(sizes or default_sizes(device))
+    out: dict = {"peak_device": str(device), "peak_threads": torch.get_num_threads(),
+                 "peak_method": f"best of {repeats} x torch.mm at sizes {list(sizes)}"}
+    kinds = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for name in dtypes:
+        if name not in kinds:
+            raise ValueError(f"dtype {name!r}: valid: fp32, bf16")
+        if name == "bf16" and not bf16_supported(device):
+            continue
+        prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            # fp32 means fp32: no TF32 shortcut on CUDA (the harness never turns it on)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            rates = {s: gemm_rate(s, kinds[name], device, warmup, repeats) for s in sizes}
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+        size, macs = max(rates.items(), key=lambda kv: kv[1])
+        out[f"peak_{name}_tmacs"] = macs / 1e12
+        out[f"peak_{name}_tflops"] = 2 * macs / 1e12
+        out[f"peak_{name}_size"] = size
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(device: str, threads: int, sizes: tuple | None) -> dict:
+    return measure_peak(device, sizes)
+
+
+def cached_peak(device: torch.device | str = "cpu", sizes: Sequence[int] | None = None) -> dict:
+    """``measure_peak`` once per process (and device, thread count and sizes)."""
+    return dict(_cached(str(torch.device(device)), torch.get_num_threads(),
+                        tuple(sizes) if sizes else None))
+
+
+def peak_for(peak: dict, device: torch.device | str, bf16: bool,
+             override_tflops: float | None = None) -> tuple[float, str]:
+    """(peak real flop/s, which peak) used as MFU's denominator for a run on ``device``."""
+    if override_tflops:
+        return override_tflops * 1e12, "override"
+    if torch.device(device).type == "cuda" and "peak_bf16_tflops" in peak:
+        return peak["peak_bf16_tflops"] * 1e12, "bf16"
+    if bf16 and "peak_bf16_tflops" in peak:
+        return peak["peak_bf16_tflops"] * 1e12, "bf16"
+    return peak["peak_fp32_tflops"] * 1e12, "fp32"
+
+
+def mfu(gmacs_fwd_per_sample: float, samples_per_s: float, peak_flops_per_s: float,
+        train: bool) -> float:
+    """Model FLOPs utilisation: (3 if train else 1) x fwd MACs x 2 flops/MAC x samples/s / peak."""
+    factor = TRAIN_FLOP_FACTOR if train else 1
+    return factor * gmacs_fwd_per_sample * 1e9 * 2 * samples_per_s / peak_flops_per_s
+
+
+def mfu_metrics(speed: dict, gmacs_fwd_per_sample: float, peak_flops_per_s: float) -> dict:
+    """``train_mfu`` / ``infer_mfu`` and the model's achieved TFLOP/s from a measure_speed dict."""
+    out = {}
+    for mode in ("train", "infer"):
+        sps = speed.get(f"{mode}_samples_per_s")
+        if sps is None:
+            continue
+        out[f"{mode}_mfu"] = mfu(gmacs_fwd_per_sample, sps, peak_flops_per_s, mode == "train")
+        out[f"{mode}_model_tflops"] = out[f"{mode}_mfu"] * peak_flops_per_s / 1e12
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.metrics.peak",
+                                description="dense GEMM peak of this machine (fp32, bf16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = measure_peak(args.device, args.sizes, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"dense GEMM peak on {r['peak_device']} ({r['peak_threads']} threads; {r['peak_method']})")
+    for name in ("fp32", "bf16"):
+        if f"peak_{name}_tflops" in r:
+            print(f"  {name}: {r[f'peak_{name}_tflops']:.3f} TFLOP/s (2*M*N*K)  = "
+                  f"{r[f'peak_{name}_tmacs']:.3f} TMAC/s (M*N*K, the harness FLOP convention)"
+                  f"  at {r[f'peak_{name}_size']}^3")
+        else:
+            print(f"  {name}: not supported natively on this device")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Benchmark: a trial that only measures speed, so a speed comparison is an ordinary study.
+
+No training: ``run(ctx)`` times train steps (forward, ``bench_loss``, backward, AdamW) and
+inference, measures the machine's dense-matmul peak in the same process (once per
+process), and returns throughput, memory and MFU (see ``harness.metrics.peak``):
+
+    train_mfu = 3 x forward MACs/sample x 2 flops/MAC x samples/s / peak flop/s
+
+What is timed (``inputs``):
+    model  the model's own default input, ``model.example_inputs`` (DiT-S/2 on 4x32x32
+           latents, ViViT on its clips), whatever the study's dataset: the study's ``data:``
+           section is a formality and ``model_overrides`` returns {} so the variant keeps
+           its own defaults (num_classes, in_channels, input_size)
+    data   the first shuffled train batch of the study's dataset, passed as the forward's
+           one argument (classifiers: ViT, ViViT, NaViT); the data fills the model's
+           data-implied fields as in training.  How a dataset option (NaViT: ``data.skew``)
+           changes speed becomes a sweep axis.
+
+The forward MACs are counted on the very batch that is timed (fvcore, attention included,
+``harness.metrics.flops``), per sample: for fixed-size inputs that equals ``gflops_fwd``;
+for NaViT's variable-size images it is that batch's own mean, padding work included (what
+the hardware computed), so compare packing arms by images/s, not by MFU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import ConfigError, TrialFailed
+from .base import Task, TrialContext, register_task
+
+
+@dataclass
+class BenchmarkOptions:
+    inputs: Literal["model", "data"] = "model"  # model: its own default input; data: 1st train batch
+    batch_size: int = 8              # samples per timed step
+    warmup: int = 3                  # untimed steps first (allocator, caches, compile)
+    steps: int = 10                  # timed steps (median reported)
+    bf16: bool = False               # bf16 autocast (MFU then against the bf16 peak)
+    compile: bool = False            # torch.compile the model (inductor; CPU needs a C++ compiler)
+    channels_last: bool = False      # conv weights and 4-D/5-D inputs channels-last
+    threads: int = 0                 # torch CPU threads for this trial (0: leave as is)
+    train: bool = True               # time train steps
+    infer: bool = True               # time inference
+    measure_peak: bool = True        # measure the dense GEMM peak (once per process) for MFU
+    peak_tflops: float | None = None  # datasheet dense peak in real TFLOP/s: used instead
+    peak_sizes: tuple[int, ...] | None = None  # GEMM sides of the peak (None: per device)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
+            raise ConfigError("batch_size and steps must be >= 1, warmup >= 0")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
+        if not (self.train or self.infer):
+            raise ConfigError("train and infer are both false: nothing to time")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"peak_tflops must be > 0 (TFLOP/s, 2 flops per MAC), got "
+                              f"{self.peak_tflops}")
+        if self.peak_sizes is not None and (not self.peak_sizes or min(self.peak_sizes) < 16):
+            raise ConfigError(f"peak_sizes must be GEMM sides >= 16, got {self.peak_sizes}")
+
+
+def bench_inputs(ctx: TrialContext, opts: BenchmarkOptions) -> tuple:
+    """The timed batch: the model's example inputs (seeded) or the first shuffled train batch."""
+    if opts.inputs == "model":
+        return ctx.model.example_inputs(opts.batch_size, device=ctx.device,
+                                        generator=torch.Generator().manual_seed(ctx.seed))
+    from .classify import to_device
+    n = len(ctx.data.train)
+    if n < opts.batch_size:
+        raise ConfigError(f"inputs=data: the train split has {n} samples, fewer than "
+                          f"batch_size={opts.batch_size}")
+    loader = ctx.data.loader("train", opts.batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(ctx.seed))
+    x, _ = next(iter(loader))
+    return (to_device(x, ctx.device),)
+
+
+def gmacs_per_sample(model, inputs: tuple, batch_size: int) -> float:
+    """Forward GMACs per sample of exactly the timed batch (fvcore, attention included)."""
+    from ..metrics.flops import count_flops
+    return count_flops(model, inputs)["gflops_fwd"] / batch_size
+
+
+@register_task
+class BenchmarkTask(Task):
+    name = "benchmark"
+    Options = BenchmarkOptions
+    intermediate_direction = "maximize"
+    metrics = ("train_samples_per_s", "infer_samples_per_s", "train_tokens_per_s",
+               "infer_tokens_per_s", "train_mfu", "infer_mfu", "train_model_tflops",
+               "infer_model_tflops", "peak_fp32_tflops", "peak_fp32_tmacs", "peak_bf16_tflops",
+               "peak_bf16_tmacs", "mfu_peak_tflops", "peak_mem_mb", "train_peak_mem_mb",
+               "infer_peak_mem_mb", "train_step_ms_median", "train_step_ms_min",
+               "train_step_ms_max", "infer_step_ms_median", "infer_step_ms_min",
+               "infer_step_ms_max", "gflops_fwd_timed", "bench_time_s", "threads")
+
+    def model_overrides(self, options, data_info, config_fields) -> dict:
+        if options.inputs == "data":  # the data's channels / classes / size, as in training
+            return super().model_overrides(options, data_info, config_fields)
+        return {}  # the variant keeps its own default input (the data is not used)
+
+    def speed_batch_size(self, options) -> int:
+        return options.batch_size
+
+    def check(self, options: BenchmarkOptions, model_cfg, data) -> None:
+        if options.compile:
+            from torch._dynamo import is_dynamo_supported
+            if not is_dynamo_supported():
+                raise ConfigError("compile=true: torch.compile is not supported on this "
+                                  "Python/torch; set task.compile false")
+
+    def run(self, ctx: TrialContext) -> dict:
+        import time
+
+        from ..metrics.peak import cached_peak, mfu_metrics, peak_for
+        from ..metrics.speed import SpeedOptions, measure_speed
+
+        o: BenchmarkOptions = ctx.options
+        t0 = time.perf_counter()
+        threads_before = torch.get_num_threads()
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        try:
+            device = ctx.device
+            inputs = bench_inputs(ctx, o)
+            gmacs = gmacs_per_sample(ctx.model, inputs, o.batch_size)
+            extra = getattr(ctx.model, "extra_metrics", dict)
+            extra()  # reset family counters (NaViT padding) touched by the counting forward
+            speed = measure_speed(ctx.model, SpeedOptions(
+                batch_size=o.batch_size, warmup=o.warmup, steps=o.steps, bf16=o.bf16,
+                compile=o.compile, channels_last=o.channels_last, train=o.train, infer=o.infer,
+                seed=ctx.seed), device, inputs)
+            peak = {}
+            if o.measure_peak and not o.peak_tflops:
+                peak = cached_peak(device, o.peak_sizes)
+            threads = torch.get_num_threads()
+            family = {k: float(v) for k, v in extra().items()}  # e.g. padding_fraction
+        finally:
+            torch.set_num_threads(threads_before)
+        out = {k: float(v) for k, v in speed.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and k not in ("batch_size", "timed_steps", "warmup_steps")}
+        out["gflops_fwd_timed"] = gmacs
+        out.update(family)
+        out["threads"] = float(threads)
+        out.update({k: float(v) for k, v in peak.items() if k.endswith(("_tflops", "_tmacs"))})
+        tags = {"bench.inputs": o.inputs, "bench.bf16": str(o.bf16).lower(), "bench.compile": str(o.compile).lower(),
+                "bench.channels_last": str(o.channels_last).lower(),
+                "bench.threads": str(threads), "bench.batch_size": str(o.batch_size),
+                "bench.peak_mem_source": str(speed.get("peak_mem_source", "")),
+                "bench.flops": "fwd MACs of the timed batch per sample (fvcore, attention incl.)"}
+        if peak or o.peak_tflops:
+            peak_flops, which = peak_for(peak, device, o.bf16, o.peak_tflops)
+            out.update(mfu_metrics(speed, gmacs, peak_flops))
+            out["mfu_peak_tflops"] = peak_flops / 1e12
+            tags["bench.mfu_peak"] = which if which == "override" else f"measured {which} GEMM"
+            tags["bench.mfu_rule"] = "train = 3 x fwd MACs x 2 x samples/s / peak flop/s"
+            if peak:
+                tags["bench.peak_method"] = peak.get("peak_method", "")
+        out["bench_time_s"] = time.perf_counter() - t0
+        bad = [k for k, v in out.items() if not math.isfinite(v)]
+        if bad:
+            raise TrialFailed(f"benchmark produced non-finite {bad}")
+        ctx.set_tags(tags)
+        ctx.log_metrics(out, 0)
+        return out

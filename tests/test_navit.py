@@ -1,0 +1,273 @@
+"""NaViT: packing is exact (each image as if alone), packs are tight, dropping keeps the
+intended counts, fractional positions transfer, FLOPs count attention and padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import registry
+from harness.data.varres import sample_sizes
+from harness.errors import ConfigError
+from harness.metrics.flops import flops_of
+from variants.navit import (CPU_PACK_ATTENTION, MAX_DROP_RATE, NaViT, drop_rates, drop_tokens,
+                            flops_split, keep_count, pack_first_fit, pack_next_fit,
+                            sample_resolution)
+
+SMALL = {"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 4, "input_size": 32,
+         "max_seq_len": 128, "max_grid": 8, "res_range": (8, 32)}
+
+
+def build(**overrides) -> NaViT:
+    model, _ = registry.build("navit-ti", {**SMALL, **overrides}, seed=0)
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # the zero-init head would hide differences
+    return model
+
+
+def images(n: int, seed: int = 0, model: NaViT | None = None) -> list[torch.Tensor]:
+    model = model or build()
+    (imgs,) = model.example_inputs(n, generator=torch.Generator().manual_seed(seed))
+    return imgs
+
+
+def lengths_of(sizes, p=4):
+    return [(h // p) * (w // p) for h, w in sizes]
+
+
+# ------------------------------------------------------------ exactness of packing
+
+@pytest.mark.parametrize("batching,impl,pooling", [
+    ("pack", "grouped", "attention"), ("pack", "grouped", "mean"), ("pack", "loop", "attention"),
+    ("pack", "dense_mask", "mean"), ("pad", "auto", "attention"), ("pad", "auto", "mean"),
+])
+def test_each_image_in_a_batch_equals_the_image_alone(batching, impl, pooling):
+    model = build(batching=batching, attn_impl=impl, pooling=pooling).eval()
+    imgs = images(12, model=model)
+    with torch.no_grad():
+        feats, logits = model.forward_features(imgs), model(imgs)
+        model.extra_metrics()
+        model(imgs)
+        assert model.extra_metrics()["padded_tokens"] > 0  # the batch really has padding
+        for i, x in enumerate(imgs):
+            torch.testing.assert_close(model.forward_features([x])[0], feats[i], atol=1e-5, rtol=0)
+            torch.testing.assert_close(model([x])[0], logits[i], atol=1e-5, rtol=0)
+
+
+def test_flex_attention_path_matches_alone_cpu_inference():
+    model = build(attn_impl="flex").eval()  # eager FlexAttention on CPU (inference only)
+    imgs = images(3, model=model)
+    with torch.no_grad():
+        feats = model.forward_features(imgs)
+        for i, x in enumerate(imgs):
+            torch.testing.assert_close(model.forward_features([x])[0], feats[i], atol=1e-5, rtol=0)
+
+
+def test_attention_paths_agree_and_cpu_default_is_recorded():
+    imgs = images(10)
+    outs = {}
+    for impl in ("grouped", "loop", "dense_mask"):
+        model = build(attn_impl=impl).eval()
+        with torch.no_grad():
+            outs[impl] = model(imgs)
+        assert model.tags()["attn_path"] == impl
+    torch.testing.assert_close(outs["loop"], outs["grouped"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(outs["dense_mask"], outs["grouped"], atol=1e-5, rtol=0)
+    assert build().tags()["attn_path"] == CPU_PACK_ATTENTION
+    assert build(batching="pad").tags()["attn_path"] == "sdpa_key_padding"
+
+
+def test_gradients_flow_through_the_packed_path():
+    model = build().train()
+    imgs = images(6, model=model)
+    loss = F.cross_entropy(model(imgs), torch.arange(6) % 10)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.pos_embed.pos_x.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ packing
+
+def test_pack_functions_small_example_and_limits():
+    assert pack_first_fit([5, 4, 3, 2, 6], 8) == [[0, 2], [1, 3], [4]]
+    assert pack_next_fit([5, 4, 3, 2, 6], 8) == [[0], [1, 2], [3, 4]]
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        pack_first_fit([3, 9], 8)
+
+
+@pytest.mark.parametrize("pack", [pack_first_fit, pack_next_fit])
+def test_every_image_packed_exactly_once_and_no_pack_too_long(pack):
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 200, (500,), generator=g).tolist()
+    packs = pack(lengths, 256)
+    flat = sorted(i for p in packs for i in p)
+    assert flat == list(range(500))
+    assert all(sum(lengths[i] for i in p) <= 256 for p in packs)
+    assert all(p == sorted(p) for p in packs)  # arrival order kept within a pack
+
+
+def test_first_fit_padding_at_most_2_percent_and_beats_next_fit():
+    sizes = sample_sizes(2000, 8, 64, 8, skew=2.0, max_aspect=2.0,
+                         generator=torch.Generator().manual_seed(0))
+    lengths = lengths_of(sizes)
+
+    def padding(packs, max_len=1024):
+        return 1 - sum(lengths) / (len(packs) * max_len)
+
+    ff, nf = padding(pack_first_fit(lengths, 1024)), padding(pack_next_fit(lengths, 1024))
+    assert ff <= 0.02, ff
+    assert nf > ff
+
+
+def test_model_packs_and_reports_padding_metrics():
+    model = build(max_seq_len=128).eval()
+    imgs = images(16, model=model)
+    with torch.no_grad():
+        model(imgs)
+    m = model.extra_metrics()
+    lengths = [(x.shape[1] // 4) * (x.shape[2] // 4) for x in imgs]
+    packs = pack_first_fit(lengths, 128)
+    assert m["real_tokens"] == sum(lengths)
+    assert m["images_per_pack"] == pytest.approx(16 / len(packs))
+    total = m["real_tokens"] + m["padded_tokens"]
+    assert m["padding_fraction"] == pytest.approx(m["padded_tokens"] / total)
+    assert model.extra_metrics() == {}  # reset by the call
+
+    pad = build(batching="pad").eval()
+    with torch.no_grad():
+        pad(imgs)
+    m = pad.extra_metrics()
+    assert m["padding_fraction"] == pytest.approx(1 - sum(lengths) / (16 * max(lengths)))
+    assert m["images_per_pack"] == 1.0
+
+    resize = build(batching="resize").eval()
+    with torch.no_grad():
+        resize(imgs)
+    m = resize.extra_metrics()
+    assert m["padded_tokens"] == 0 and m["real_tokens"] == 16 * (32 // 4) ** 2
+
+
+# ------------------------------------------------------------------ token dropping
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 0.99])
+def test_drop_tokens_keeps_exact_count_in_order(n, rate):
+    kept = drop_tokens(torch.arange(n), rate, torch.Generator().manual_seed(n))
+    assert kept.numel() == max(1, round((1 - rate) * n + 1e-9)) == keep_count(n, rate)
+    assert torch.equal(kept, kept.sort().values) and kept.unique().numel() == kept.numel()
+
+
+@pytest.mark.parametrize("kind", ["constant", "beta", "resolution"])
+def test_model_drops_intended_count_per_image_in_training_only(kind):
+    model = build(token_drop=kind, drop_rate=0.5)
+    imgs = images(10, model=model)
+    native = [(x.shape[1] // 4) * (x.shape[2] // 4) for x in imgs]
+    rates = drop_rates(kind, native, model.cfg, torch.Generator().manual_seed(7))
+    model.train()
+    _, lengths, _ = model.tokenize(imgs, torch.Generator().manual_seed(7))
+    assert lengths == [keep_count(n, r) for n, r in zip(native, rates)]
+    assert sum(lengths) < sum(native)
+    if kind == "constant":
+        assert set(rates) == {0.5}
+    elif kind == "beta":
+        assert len(set(rates)) == len(rates) and all(0 <= r < 1 for r in rates)
+        many = drop_rates(kind, [10] * 4000, model.cfg, torch.Generator().manual_seed(0))
+        assert sum(many) / len(many) == pytest.approx(0.5, abs=0.02)  # mean drop_rate
+    else:  # rises with resolution, mean drop_rate (before the cap)
+        mean = sum(native) / len(native)
+        assert rates == [min(MAX_DROP_RATE, 0.5 * n / mean) for n in native]
+        big, small = max(range(10), key=native.__getitem__), min(range(10), key=native.__getitem__)
+        assert rates[big] > rates[small]
+    model.eval()
+    _, lengths, _ = model.tokenize(imgs, torch.Generator().manual_seed(7))
+    assert lengths == native
+
+
+def test_dropped_tokens_are_reported():
+    model = build(token_drop="constant", drop_rate=0.25).train()
+    imgs = images(8, model=model)
+    model(imgs, generator=torch.Generator().manual_seed(0))
+    native = [(x.shape[1] // 4) * (x.shape[2] // 4) for x in imgs]
+    m = model.extra_metrics()
+    assert m["real_tokens"] == sum(keep_count(n, 0.25) for n in native)
+    assert m["dropped_tokens"] == sum(native) - m["real_tokens"]
+
+
+def test_resolution_sampling_keeps_aspect_and_patch_multiples():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        h, w = sample_resolution(40, 20, (32, 64), 4, g)
+        assert h % 4 == 0 and w % 4 == 0 and 4 <= w <= h
+        assert abs(h / w - 2.0) < 0.5
+    model = build(res_sampling="random", pos_coords="fractional").train()
+    _, lengths, _ = model.tokenize([torch.rand(1, 16, 16)] * 4, torch.Generator().manual_seed(1))
+    assert len(set(lengths)) > 1  # resampled sizes differ
+
+
+# ------------------------------------------------------------------ positions
+
+def test_fractional_positions_accept_unseen_resolutions_absolute_refuse():
+    frac = build(pos_coords="fractional", max_seq_len=512).train()
+    opt = torch.optim.AdamW(frac.parameters(), lr=1e-3)
+    for _ in range(2):  # train on small images only (at most 8x8 patches)
+        opt.zero_grad()
+        F.cross_entropy(frac(images(6, model=frac)), torch.arange(6)).backward()
+        opt.step()
+    big = torch.rand(1, 96, 80)  # 24 x 20 patches: beyond any training image and max_grid=8
+    frac.eval()
+    with torch.no_grad():
+        out = frac([big])
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    y, x = frac.coords(24, 20, torch.device("cpu"))
+    assert int(y.max()) == 7 and int(x.max()) == 7 and int(y.min()) == 0
+    assert torch.all(y[20:] >= y[:-20])  # rows map monotonically onto slots
+
+    absolute = build(pos_coords="absolute").eval()
+    with pytest.raises(ConfigError, match="max_grid=8"):
+        absolute([big])
+
+
+@pytest.mark.parametrize("kind", ["additive", "stacked", "multiplicative"])
+def test_factorised_embedding_kinds_give_distinct_positions(kind):
+    model = build(pos_emb=kind)
+    y, x = model.coords(4, 4, torch.device("cpu"))
+    with torch.no_grad():
+        pe = model.pos_embed(y, x)  # (16, D)
+    assert pe.shape == (16, 32)
+    assert torch.cdist(pe, pe).add(torch.eye(16)).min() > 0  # no two positions coincide
+
+
+def test_config_refuses_impossible_combinations():
+    with pytest.raises(ConfigError, match="max_grid"):
+        registry.build("navit-ti", {**SMALL, "max_grid": 4})  # 32 px / 4 = 8 patches per side
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        registry.build("navit-ti", {**SMALL, "max_seq_len": 32})
+    with pytest.raises(ConfigError, match="drop_rate"):
+        registry.build("navit-ti", {**SMALL, "drop_rate": 0.5})  # with token_drop none
+
+
+# ------------------------------------------------------------------ FLOPs
+
+@pytest.mark.parametrize("batching", ["pack", "pad"])
+def test_flops_count_attention_exactly_and_nothing_unsupported(batching):
+    model = build(batching=batching, pooling="attention")
+    r = flops_of(model, batch_size=6)
+    assert r["unsupported_ops"] == {}
+    imgs = images(6, seed=0, model=model)  # what flops_of drew (same generator seed)
+    n = [(x.shape[1] // 4) * (x.shape[2] // 4) for x in imgs]
+    d, depth = 32, 2
+    if batching == "pack":  # block-diagonal: each image with itself, plus the pooling probe
+        macs = sum(depth * k * k * 2 * d + k * 2 * d for k in n)
+    else:  # every image padded to the longest
+        L = max(n)
+        macs = len(n) * (depth * L * L * 2 * d + L * 2 * d)
+    assert r["gflops_attn_fwd"] * 6 * 1e9 == pytest.approx(macs)
+
+
+def test_flops_split_charges_padding():
+    imgs = images(6)
+    pack = flops_split(build(), imgs)
+    pad = flops_split(build(batching="pad"), imgs)
+    assert pack["gflops_useful_fwd"] == pytest.approx(pad["gflops_useful_fwd"], rel=1e-6)
+    assert pad["wasted_fraction"] > pack["wasted_fraction"] > 0
+    assert pad["gflops_fwd"] > pack["gflops_fwd"]
