@@ -61,9 +61,9 @@ def check_storage_url(url: str) -> str:
                            "sqlite:///relative/path.db or sqlite:////absolute/path.db")
     if scheme == "postgresql":
         try:
-            import psycopg2  # noqa: F401
+            import psycopg  # noqa: F401  (SQLAlchemy 2's default PostgreSQL driver)
         except ImportError:
-            raise StorageError("PostgreSQL storage needs psycopg2: pip install "
+            raise StorageError("PostgreSQL storage needs psycopg: pip install "
                                "'sora-ablation-harness[postgres]'") from None
     return url
 

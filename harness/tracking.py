@@ -94,7 +94,10 @@ class Tracker:
     """The study's experiment; creates parent and trial runs."""
 
     def __init__(self, tracking_uri: str, experiment: str, runs_dir: Path):
+        import logging
+
         from mlflow.tracking import MlflowClient
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema-creation chatter
         self.uri = check_tracking_uri(tracking_uri)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ model:
 sweep:
 {sweep}
 repeats: {repeats}
-budget: {{steps: {steps}, eval_every: {eval_every}, speed_steps: 1}}
+budget: {{steps: {steps}, eval_every: {eval_every}, speed_steps: {speed_steps}}}
 objectives:
 {objectives}
 pruner: {{name: none}}
@@ -34,10 +34,11 @@ profiles:
 
 def write_study(path: Path, name: str = "tiny", *, variant: str = "vit-digits",
                 sweep: str = "  patch_size: [2, 4]\n  pool: [cls, mean]", repeats: int = 2,
-                steps: int = 4, eval_every: int = 2, objectives: str = "  - {metric: accuracy, direction: maximize}",
+                steps: int = 4, eval_every: int = 2, speed_steps: int = 1, objectives: str = "  - {metric: accuracy, direction: maximize}",
                 extra: str = "") -> Path:
     path.write_text(TINY_STUDY.format(name=name, variant=variant, sweep=sweep, repeats=repeats,
-                                      steps=steps, eval_every=eval_every, objectives=objectives) + textwrap.dedent(extra))
+                                      steps=steps, eval_every=eval_every, speed_steps=speed_steps,
+                                      objectives=objectives) + textwrap.dedent(extra))
     return path
 
 

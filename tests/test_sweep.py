@@ -171,3 +171,64 @@ def test_multi_objective_and_search(shared_runs):
     done = [t for t in st.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 3 and len({t.params["task.lr"] for t in done}) == 3
     assert all(len(t.values) == 2 for t in done)
+
+
+def test_sigint_marks_the_trial_and_closes_the_runs(shared_runs):
+    p = write_study(shared_runs / "int.yaml", name="interrupt", sweep="  patch_size: [2, 4]",
+                    repeats=1, steps=200, eval_every=100)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(p), "--runs-dir",
+                             str(shared_runs), "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    target = None
+    while time.time() < deadline and target is None and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            for t in trials_of(shared_runs, "interrupt"):
+                if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs:
+                    target = t
+        except KeyError:
+            continue
+    assert target is not None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    t = [x for x in trials_of(shared_runs, "interrupt") if x.number == target.number][0]
+    assert t.state == TrialState.FAIL and "SIGINT" in t.user_attrs["fail_reason"]
+    runs = mlflow_runs(shared_runs, "interrupt")
+    assert "RUNNING" not in set(runs["status"])
+    assert runs[runs["run_id"] == target.user_attrs["mlflow_run_id"]].iloc[0]["status"] == "KILLED"
+
+
+class OOMAbove8(ViT):
+    """Behaves as a GPU out of memory when a training batch exceeds 8 samples."""
+
+    def forward(self, x):
+        if self.training and x.shape[0] > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(x)
+
+
+@pytest.fixture
+def oom_variant():
+    registry.register("test-oom", family="vit", config=ViTConfig, input_size=8, in_channels=1,
+                      patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=10)(
+        lambda cfg: OOMAbove8(cfg))
+    yield "test-oom"
+    registry.unregister("test-oom")
+
+
+def test_oom_is_recorded_and_optionally_backs_off(shared_runs, oom_variant):
+    p = write_study(shared_runs / "oom.yaml", name="oom", variant=oom_variant,
+                    sweep="  patch_size: [4]", repeats=1, steps=3, speed_steps=0)
+    assert cli.main(["run", str(p), "--runs-dir", str(shared_runs), "--quiet"]) == 0
+    t = trials_of(shared_runs, "oom")[0]
+    assert t.state == TrialState.FAIL and "out of memory" in t.user_attrs["fail_reason"]
+    q = write_study(shared_runs / "oom2.yaml", name="oom_backoff", variant=oom_variant,
+                    sweep="  patch_size: [4]", repeats=1, steps=3, speed_steps=0,
+                    extra="oom_backoff: true\n")
+    assert cli.main(["run", str(q), "--runs-dir", str(shared_runs), "--quiet"]) == 0
+    t = trials_of(shared_runs, "oom_backoff")[0]
+    assert t.state == TrialState.COMPLETE
+    runs = mlflow_runs(shared_runs, "oom_backoff")
+    assert runs.iloc[0]["tags.oom_backoff"] == "batch_size 16 -> 8"
