@@ -51,7 +51,7 @@ def fmt(x: float) -> str:
         return f"{x:.1f}"
     if a >= 1:
         return f"{x:.3f}"
-    return f"{x:.4f}"
+    return f"{x:.4g}"
 
 
 def fmt_ci(m: float, h: float) -> str:
