@@ -293,7 +293,8 @@ class GaussianDiffusion:
     def sample_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
         """Uniform training timesteps."""
         gdev = generator.device if generator is not None else device
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=gdev).to(device)
+        t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=gdev)
+        return t.to(device)
 
     # -------------------------------------------------------------- samplers
     def _loop_start(self, shape, noise, generator, device):
@@ -309,7 +310,8 @@ class GaussianDiffusion:
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             out = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)
             if i > 0:
-                x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * _randn(x.shape, generator, x.device)
+                noise = _randn(x.shape, generator, x.device)
+                x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
             else:
                 x = out["mean"]
         return x
@@ -328,7 +330,8 @@ class GaussianDiffusion:
             a_bar_prev = self._extract("alphas_cumprod_prev", t, x.ndim)
             sigma = (eta * torch.sqrt((1 - a_bar_prev) / (1 - a_bar))
                      * torch.sqrt(1 - a_bar / a_bar_prev))
-            x = out["pred_xstart"] * torch.sqrt(a_bar_prev) + torch.sqrt(1 - a_bar_prev - sigma ** 2) * eps
+            x = (out["pred_xstart"] * torch.sqrt(a_bar_prev)
+                 + torch.sqrt(1 - a_bar_prev - sigma ** 2) * eps)
             if i > 0 and eta > 0:
                 x = x + sigma * _randn(x.shape, generator, x.device)
         return x

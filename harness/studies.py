@@ -123,10 +123,15 @@ def _short(v: Any) -> str:
 # ------------------------------------------------------------------- loading
 
 def deep_merge(base: dict, over: dict) -> dict:
+    """Profile over base: mappings merge, except a section that names another dataset,
+    task or variant, which replaces the base's section (its options would not fit)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+            if any(n in v and v[n] != out[k].get(n) for n in ("name", "variant")):
+                out[k] = copy.deepcopy(v)
+            else:
+                out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out

@@ -136,8 +136,9 @@ def test_learned_variance_at_its_ends_is_the_fixed_variances():
         b = learned.p_sample_loop(lambda x, t: torch.cat([eps(x, t), torch.full_like(x, v)], 1),
                                   (8, 1, 2, 2), generator=torch.Generator().manual_seed(3), **kw)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(large.p_sample_loop(eps, (8, 1, 2, 2), generator=torch.Generator().manual_seed(3), **kw),
-                              small.p_sample_loop(eps, (8, 1, 2, 2), generator=torch.Generator().manual_seed(3), **kw))
+    a, b = (d.p_sample_loop(eps, (8, 1, 2, 2), generator=torch.Generator().manual_seed(3), **kw)
+            for d in (large, small))
+    assert not torch.allclose(a, b)
 
 
 # ------------------------------------------------------------------ determinism and CFG
@@ -319,7 +320,8 @@ def test_check_refuses_impossible_combinations(tmp_path):
         task.check(ok, cfg, unit)
     with pytest.raises(ConfigError, match="class_dropout_prob"):
         task.check(ok, dataclasses.replace(cfg, class_dropout_prob=0.0), data)
-    task.check(dataclasses.replace(ok, cfg_scale=1.0), dataclasses.replace(cfg, class_dropout_prob=0.0), data)
+    task.check(dataclasses.replace(ok, cfg_scale=1.0),
+               dataclasses.replace(cfg, class_dropout_prob=0.0), data)
     with pytest.raises(ConfigError, match="in_channels=3"):
         task.check(ok, dataclasses.replace(cfg, in_channels=3), data)
     with pytest.raises(ConfigError, match="inception_weights"):
@@ -331,3 +333,27 @@ def test_check_refuses_impossible_combinations(tmp_path):
         registry.make_config(DiffusionOptions, {"sample_steps": 2000})
     with pytest.raises(ConfigError, match="valid: 'ddpm', 'ddim'|ddim"):
         registry.make_config(DiffusionOptions, {"sampler": "euler"})
+
+
+def test_task_runs_on_latents(tmp_path):
+    """The paper's setting in miniature: 4-channel latents from a .npz (x0 left unclipped)."""
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 4
+    x = (rng.normal(size=(80, 4, 8, 8)) * 0.3 + y[:, None, None, None]).astype(np.float32)
+    np.savez(tmp_path / "lat.npz", latents=x, labels=y)
+    spec = get_dataset("latents")
+    data = build_dataset("latents", registry.make_config(
+        spec.options_cls, {"path": str(tmp_path / "lat.npz"), "test_fraction": 0.25}))
+    model, cfg = registry.build("dit-s/4", {**TINY, "input_size": 8, "in_channels": 4,
+                                            "num_classes": 4, "learn_sigma": True}, seed=0)
+    opts = registry.make_config(DiffusionOptions, {"batch_size": 16, "num_samples": 12,
+                                                   "sample_steps": 4, "log_every": 5})
+    task = DiffusionTask()
+    task.check(opts, cfg, data)
+    with pytest.raises(ConfigError, match="latents"):
+        task.check(dataclasses.replace(opts, feature_net="inception", inception_weights="w.pth"),
+                   cfg, data)
+    ctx, calls = _ctx(model, cfg, opts, data, tmp_path, steps=10, cache=tmp_path / "cache")
+    out = task.run(ctx)
+    assert np.isfinite(out["fid_digits_cnn"]) and 0 <= out["cond_acc"] <= 1
+    assert calls["artifacts"][0].exists()

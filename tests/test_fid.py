@@ -51,7 +51,8 @@ def test_frechet_distance_matches_closed_form_for_gaussians():
     # ... and close to the population value of the two known Gaussians
     assert got == pytest.approx(closed_form(mu1, s1, mu2, s2), rel=0.05)
     # identical sets: zero; a shifted set: |shift|^2
-    assert frechet_distance(Identity(d), torch.from_numpy(x1), torch.from_numpy(x1)) == pytest.approx(0, abs=1e-6)
+    same = frechet_distance(Identity(d), torch.from_numpy(x1), torch.from_numpy(x1))
+    assert same == pytest.approx(0, abs=1e-6)
     shift = np.arange(d, dtype=np.float64)
     assert frechet_distance(Identity(d), torch.from_numpy(x1), torch.from_numpy(x1 + shift)) == \
         pytest.approx(float(shift @ shift), rel=1e-6)

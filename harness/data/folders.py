@@ -167,7 +167,8 @@ class LatentsOptions:
 
     def validate(self) -> None:
         if not self.path:
-            raise ConfigError("data.options.path is required: a local .npz or .npy of latents (N, C, H, W)")
+            raise ConfigError("data.options.path is required: a local .npz or .npy of latents "
+                              "(N, C, H, W)")
         if not 0.0 <= self.test_fraction <= 0.5:
             raise ConfigError(f"test_fraction must be in [0, 0.5], got {self.test_fraction}")
         if self.scale_factor <= 0:

@@ -231,6 +231,13 @@ class _InceptionInput(nn.Module):
 
 # ------------------------------------------------------------------ the evaluator
 
+def subset_indices(n: int, max_n: int, seed: int = 0) -> torch.Tensor:
+    """All of range(n), or a fixed random subset of max_n (files are often sorted by class)."""
+    if n <= max_n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_n].sort().values
+
+
 def _fid_metric(feature: nn.Module | int, weights: Path | None = None):
     from torchmetrics.image.fid import FrechetInceptionDistance
     if isinstance(feature, int):
@@ -280,9 +287,9 @@ class FrechetEvaluator:
 
     def add_real(self, ds, max_real: int) -> None:
         from ..data.folders import index_batch
-        n = min(len(ds), max_real)
-        for i in range(0, n, self.batch_size):
-            x, _ = index_batch(ds, torch.arange(i, min(n, i + self.batch_size)))
+        idx = subset_indices(len(ds), max_real)
+        for i in range(0, len(idx), self.batch_size):
+            x, _ = index_batch(ds, idx[i:i + self.batch_size])
             self._update(x, real=True)
 
     def distance(self, fake: torch.Tensor) -> float:

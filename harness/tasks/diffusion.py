@@ -30,14 +30,14 @@ import torch
 from torch import nn
 
 from ..diffusion import GaussianDiffusion, guided_model_fn
-from ..errors import ConfigError
-from ..metrics.fid import FrechetEvaluator, check_inception, metric_name
+from ..errors import ConfigError, DivergedError
+from ..metrics.fid import FrechetEvaluator, check_inception, metric_name, subset_indices
 from .base import Task, TrialContext, check_finite, register_task
 
 
 @dataclass
 class DiffusionOptions:
-    lr: float = 5e-4                  # AdamW; paper 1e-4 (batch 256, 400K steps), digits runs are short
+    lr: float = 5e-4                  # AdamW; paper 1e-4 (batch 256, 400K steps); short runs: higher
     weight_decay: float = 0.0         # paper: 0
     batch_size: int = 64              # paper: 256
     grad_clip: float = 1.0            # max grad norm, 0 = off (paper: off; guards short high-lr runs)
@@ -51,7 +51,7 @@ class DiffusionOptions:
     cfg_scale: float = 1.5            # classifier-free guidance (paper FID: 1.5; 1 = none)
     num_samples: int = 500            # generated for evaluation, balanced over classes (paper 50K)
     sample_batch_size: int = 250
-    clip_denoised: bool | None = None  # clip predicted x0 to [-1, 1]; None: yes for images, no for latents
+    clip_denoised: bool | None = None  # clip predicted x0 to [-1, 1]; None: images yes, latents no
     feature_net: Literal["digits_cnn", "inception"] = "digits_cnn"  # FID features (see metrics/fid.py)
     inception_weights: str | None = None  # local path of torch-fidelity's Inception weights
     max_real: int = 10_000            # real images for the reference statistics (train split)
@@ -228,7 +228,6 @@ class DiffusionTask(Task):
         sample_time = time.perf_counter() - t0
         samples = torch.cat(samples)
         if not torch.isfinite(samples).all():
-            from ..errors import DivergedError
             raise DivergedError("the EMA model's samples contain NaN or inf")
         if value_range != "latent":
             samples = samples.clamp(-1, 1)
@@ -241,8 +240,7 @@ class DiffusionTask(Task):
         fid = metric_name(o.feature_net)
         if len(ctx.data.test) >= 2:  # the floor: real held-out images at about this sample size
             from ..data.folders import index_batch
-            n_test = min(len(ctx.data.test), o.max_real)
-            xt, _ = index_batch(ctx.data.test, torch.arange(n_test))
+            xt, _ = index_batch(ctx.data.test, subset_indices(len(ctx.data.test), o.max_real))
             out[f"{fid}_real_test"] = ev.distance(xt)
         if ev.info.get("test_acc") is not None:
             out["feature_net_test_acc"] = float(ev.info["test_acc"])
@@ -253,7 +251,7 @@ class DiffusionTask(Task):
 
         if o.grid_per_class:
             per = min(o.grid_per_class, max(1, o.num_samples // num_classes))
-            rows = min(num_classes, o.num_samples)
+            rows = min(num_classes, o.num_samples, 16)  # at most 16 classes in the grid
             idx = torch.cat([torch.nonzero(labels == c).flatten()[:per] for c in range(rows)])
             path = save_grid(samples[idx], Path(ctx.workdir) / "samples.png", rows, value_range)
             ctx.log_artifact(path)
