@@ -77,7 +77,7 @@ def test_killed_run_completes_only_missing_cells(shared_runs):
     p = write_study(shared_runs / "kill.yaml", name="kill", steps=60, eval_every=30, repeats=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(p), "--runs-dir",
-                             str(shared_runs), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                             str(shared_runs), "--quiet", "--threads", "1"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     db = shared_runs / "optuna.db"
     deadline = time.time() + 240
@@ -177,7 +177,7 @@ def test_sigint_marks_the_trial_and_closes_the_runs(shared_runs):
     p = write_study(shared_runs / "int.yaml", name="interrupt", sweep="  patch_size: [2, 4]",
                     repeats=1, steps=200, eval_every=100)
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(p), "--runs-dir",
-                             str(shared_runs), "--quiet"], stdout=subprocess.DEVNULL,
+                             str(shared_runs), "--quiet", "--threads", "1"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     target = None

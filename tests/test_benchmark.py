@@ -1,0 +1,169 @@
+"""The benchmark task, the speed studies and the peer comparison's matching."""
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from harness import registry
+from harness.data.base import build_dataset, get_dataset
+from harness.metrics import peak
+from harness.metrics.flops import flops_of
+from harness.metrics.speed import SpeedOptions, measure_speed
+from harness.studies import load_study
+from harness.tasks.base import Budget, TrialContext, get_task
+
+from .conftest import run_cli
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+SPEED_STUDIES = ["speed_dit.yaml", "speed_vivit.yaml", "speed_packing.yaml"]
+TINY_DIT = {"depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": 8, "num_classes": 10}
+
+
+def make_ctx(tmp_path, variant, overrides, options, data=None, seed=0):
+    task = get_task("benchmark")()
+    opts = registry.make_config(task.Options, options, where="task.options")
+    model, cfg = registry.build(variant, overrides, seed=seed)
+    logged, tags = {}, {}
+    ctx = TrialContext(model=model, variant=variant, model_cfg=cfg, options=opts, data=data,
+                       budget=Budget(steps=1), seed=seed, device=torch.device("cpu"),
+                       workdir=tmp_path, cache_dir=tmp_path,
+                       log_metrics=lambda m, step=None: logged.update(m), set_tags=tags.update)
+    return task, ctx, logged, tags
+
+
+def test_benchmark_task_times_a_tiny_dit_and_reports_finite_metrics(tmp_path):
+    task, ctx, logged, tags = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
+                                       {"batch_size": 2, "warmup": 1, "steps": 2,
+                                        "peak_sizes": [64, 128]})
+    out = task.run(ctx)
+    for k in ("train_samples_per_s", "infer_samples_per_s", "train_tokens_per_s", "train_mfu",
+              "infer_mfu", "peak_fp32_tflops", "peak_mem_mb", "train_step_ms_median"):
+        assert k in out and math.isfinite(out[k]), k
+        assert k in task.metrics, k  # declared, so a study may use it as an objective
+    assert out["train_samples_per_s"] > 0 and out["train_mfu"] > 0
+    # the counted work is the model's own default input: 8x8 latents, patch 2 -> 16 tokens
+    assert out["gflops_fwd_timed"] == pytest.approx(flops_of(ctx.model)["gflops_fwd"], rel=1e-6)
+    assert out["train_tokens_per_s"] == pytest.approx(out["train_samples_per_s"] * 16)
+    # MFU is the documented formula of the returned figures
+    expect = 3 * out["gflops_fwd_timed"] * 1e9 * 2 * out["train_samples_per_s"] / (out["mfu_peak_tflops"] * 1e12)
+    assert out["train_mfu"] == pytest.approx(expect)
+    assert out["mfu_peak_tflops"] == out["peak_fp32_tflops"]
+    assert logged == out
+    assert tags["bench.bf16"] == "false" and tags["bench.mfu_peak"] == "measured fp32 GEMM"
+
+
+def test_benchmark_peak_override_and_no_peak(tmp_path):
+    task, ctx, _, tags = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
+                                  {"batch_size": 1, "warmup": 0, "steps": 1, "infer": False,
+                                   "peak_tflops": 0.5})
+    out = task.run(ctx)
+    assert out["mfu_peak_tflops"] == 0.5 and "peak_fp32_tflops" not in out
+    assert "infer_samples_per_s" not in out and tags["bench.mfu_peak"] == "override"
+    task, ctx, _, _ = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
+                               {"batch_size": 1, "warmup": 0, "steps": 1, "measure_peak": False})
+    out = task.run(ctx)
+    assert "train_mfu" not in out and out["train_samples_per_s"] > 0
+
+
+def test_benchmark_threads_option_is_restored(tmp_path):
+    before = torch.get_num_threads()
+    task, ctx, _, tags = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
+                                  {"batch_size": 1, "warmup": 0, "steps": 1, "threads": 1,
+                                   "measure_peak": False, "infer": False})
+    out = task.run(ctx)
+    assert out["threads"] == 1 and tags["bench.threads"] == "1"
+    assert torch.get_num_threads() == before
+
+
+def test_benchmark_keeps_the_models_defaults_unless_timing_data():
+    task = get_task("benchmark")()
+    fields = set(registry.config_fields(registry.get("dit-s/2").config_cls))
+    info = {"num_classes": 10, "in_channels": 1, "input_size": 8}
+    model_opts = registry.make_config(task.Options, {})
+    data_opts = registry.make_config(task.Options, {"inputs": "data"})
+    assert task.model_overrides(model_opts, info, fields) == {}
+    assert task.model_overrides(data_opts, info, fields) == info
+
+
+def test_benchmark_on_data_times_the_datasets_batch(tmp_path):
+    spec = get_dataset("varres_digits")
+    data = build_dataset("varres_digits", registry.make_config(
+        spec.options_cls, {"min_size": 8, "max_size": 16, "size_step": 4}))
+    over = {"depth": 1, "hidden_size": 16, "num_heads": 2, "input_size": 16, "in_channels": 1,
+            "num_classes": 10, "max_seq_len": 64, "max_grid": 4}
+    task, ctx, _, tags = make_ctx(tmp_path, "navit-ti", over,
+                                  {"inputs": "data", "batch_size": 8, "warmup": 0, "steps": 1,
+                                   "peak_sizes": [64]}, data=data)
+    out = task.run(ctx)
+    assert tags["bench.inputs"] == "data"
+    assert out["train_samples_per_s"] > 0 and math.isfinite(out["train_mfu"])
+    assert 0 <= out["padding_fraction"] < 1  # the model's own figures come back too
+
+
+def test_bad_benchmark_options_are_refused():
+    task = get_task("benchmark")()
+    from harness.errors import ConfigError
+    for bad in ({"steps": 0}, {"peak_tflops": -1.0}, {"train": False, "infer": False},
+                {"inputs": "disk"}, {"peak_sizes": [8]}):
+        with pytest.raises(ConfigError):
+            registry.make_config(task.Options, bad)
+
+
+def test_channels_last_keeps_the_numbers_of_a_conv_model():
+    model, _ = registry.build("dit-s/2", TINY_DIT, seed=0)
+    out = measure_speed(model, SpeedOptions(batch_size=2, warmup=0, steps=1, channels_last=True))
+    assert out["channels_last"] is True and out["train_samples_per_s"] > 0
+    assert model.x_embedder.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", SPEED_STUDIES)
+def test_speed_studies_load_for_every_profile(name):
+    import yaml
+    raw = yaml.safe_load((STUDIES / name).read_text())
+    assert set(raw["profiles"]) >= {"smoke", "cpu", "gpu"}
+    for profile in [None, *raw["profiles"]]:
+        s = load_study(STUDIES / name, profile)
+        assert s.task == "benchmark" and s.cells()
+        assert s.objectives[0].metric == "train_samples_per_s"
+
+
+def test_smoke_speed_study_runs_through_the_engine(tmp_path, shared_runs):
+    # the smoke profile of speed_dit, made tinier still: 2 trials end to end, MFU in MLflow
+    import yaml
+    raw = yaml.safe_load((STUDIES / "speed_dit.yaml").read_text())
+    raw["name"] = "speed_dit_test"
+    raw["profiles"]["smoke"]["model"]["config"].update(hidden_size=32, num_heads=2, input_size=8)
+    path = tmp_path / "speed_dit_test.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert run_cli("run", path, "--profile", "smoke", "--runs-dir", shared_runs, "--quiet") == 0
+    mlflow.set_tracking_uri(f"sqlite:///{shared_runs / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["speed_dit_test-smoke"], output_format="pandas")
+    kids = runs[runs["tags.harness.kind"] == "trial"]
+    assert len(kids) == 2 and set(kids["status"]) == {"FINISHED"}
+    assert (kids["metrics.train_mfu"] > 0).all() and (kids["metrics.peak_fp32_tflops"] > 0).all()
+    assert set(kids["tags.bench.bf16"]) == {"false"}
+
+
+def test_peer_models_match_parameter_counts():
+    pytest.importorskip("einops")
+    bp = pytest.importorskip("harness.bench_peer")
+    try:
+        bp.peer_module("vivit")
+    except Exception as e:  # vit-pytorch is an optional peer
+        pytest.skip(f"vit-pytorch not installed: {e}")
+    import sys
+    assert "vit_pytorch" not in sys.modules  # loaded by path: no torchvision needed
+    dev = torch.device("cpu")
+    for model in (2, 3):
+        ours, theirs, _ = bp.vivit_pair(model, frames=4, image=16, tubelet=(2, 8, 8), dim=32,
+                                        heads=2, depth=2, temporal_depth=1, classes=5, device=dev)
+        assert bp.n_params(ours) == bp.n_params(theirs)
+        x = torch.randn(2, 3, 4, 16, 16)
+        assert theirs(x).shape == ours(x).shape == (2, 5)
+    ours, theirs, _ = bp.navit_pair(dim=32, heads=2, depth=2, patch=4, max_size=16, seq_len=16,
+                                    classes=5, device=dev)
+    assert bp.n_params(ours) == bp.n_params(theirs)
+    images = [torch.rand(3, 8, 16), torch.rand(3, 16, 16), torch.rand(3, 4, 8)]
+    assert bp.PeerNaViT(theirs, 16)(images).shape == ours(images).shape == (3, 5)

@@ -1,0 +1,67 @@
+"""The dense-matmul peak and the MFU formula."""
+import math
+
+import pytest
+import torch
+
+from harness.metrics import peak
+
+
+def test_measure_peak_returns_positive_rates_in_both_conventions():
+    r = peak.measure_peak("cpu", sizes=(64, 128), dtypes=("fp32",), warmup=1, repeats=2)
+    assert r["peak_fp32_tflops"] > 0 and math.isfinite(r["peak_fp32_tflops"])
+    assert r["peak_fp32_tflops"] == pytest.approx(2 * r["peak_fp32_tmacs"])  # 2 flops per MAC
+    assert r["peak_fp32_size"] in (64, 128)
+    assert r["peak_threads"] == torch.get_num_threads()
+    assert "peak_bf16_tflops" not in r  # not asked for
+
+
+def test_bf16_peak_present_exactly_when_supported():
+    r = peak.measure_peak("cpu", sizes=(64,), warmup=0, repeats=1)
+    assert ("peak_bf16_tflops" in r) == peak.bf16_supported("cpu")
+    if "peak_bf16_tflops" in r:
+        assert r["peak_bf16_tflops"] > 0
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="fp32, bf16"):
+        peak.measure_peak("cpu", sizes=(32,), dtypes=("fp8",))
+
+
+def test_gemm_rate_counts_m_n_k_macs(monkeypatch):
+    # a fake clock: every mm takes exactly 0.5 s -> 64^3 / 0.5 MACs per second
+    clock = iter(range(1000))
+    monkeypatch.setattr(peak.time, "perf_counter", lambda: 0.5 * next(clock))
+    assert peak.gemm_rate(64, torch.float32, "cpu", warmup=0, repeats=3) == pytest.approx(64 ** 3 / 0.5)
+
+
+def test_mfu_formula_on_a_known_case():
+    # 1 GMAC forward per sample, 10 samples/s, a 60 GFLOP/s machine:
+    # train = 3 x 1e9 MACs x 2 flops/MAC x 10 / 60e9 = 1.0; inference a third of that
+    assert peak.mfu(1.0, 10.0, 60e9, train=True) == pytest.approx(1.0)
+    assert peak.mfu(1.0, 10.0, 60e9, train=False) == pytest.approx(1 / 3)
+    m = peak.mfu_metrics({"train_samples_per_s": 5.0, "infer_samples_per_s": 30.0}, 2.0, 120e9)
+    assert m["train_mfu"] == pytest.approx(3 * 2e9 * 2 * 5 / 120e9)       # 0.5
+    assert m["infer_mfu"] == pytest.approx(2e9 * 2 * 30 / 120e9)          # 1.0
+    assert m["train_model_tflops"] == pytest.approx(0.06)
+
+
+def test_mfu_denominator_choice():
+    p = {"peak_fp32_tflops": 1.0, "peak_bf16_tflops": 4.0}
+    assert peak.peak_for(p, "cpu", bf16=False) == (1e12, "fp32")
+    assert peak.peak_for(p, "cpu", bf16=True) == (4e12, "bf16")
+    assert peak.peak_for(p, "cuda", bf16=False) == (4e12, "bf16")  # GPU MFU: always the bf16 peak
+    assert peak.peak_for(p, "cpu", bf16=False, override_tflops=2.5) == (2.5e12, "override")
+    assert peak.peak_for({"peak_fp32_tflops": 1.0}, "cpu", bf16=True) == (1e12, "fp32")
+
+
+def test_cached_peak_measures_once_per_process(monkeypatch):
+    calls = []
+    peak._cached.cache_clear()
+    monkeypatch.setattr(peak, "measure_peak", lambda d, s: calls.append(d) or {"peak_fp32_tflops": 1.0})
+    a = peak.cached_peak("cpu", (32,))
+    b = peak.cached_peak("cpu", (32,))
+    assert a == b and calls == ["cpu"]
+    a["peak_fp32_tflops"] = 9.0  # callers get copies
+    assert peak.cached_peak("cpu", (32,))["peak_fp32_tflops"] == 1.0
+    peak._cached.cache_clear()
