@@ -75,7 +75,7 @@ task: {name: classify, options: {batch_size: 16, eval_batch_size: 64}}
 data: {name: moving_digits, options: {image_size: 16, num_frames: 4, digits: [0, 1, 2], num_train: 64, num_test: 32}}
 model:
   variant: vivit-ti
-  config: {depth: 1, hidden_size: 16, num_heads: 2, temporal_layers: 1, tubelet_size: [2, 8, 8]}
+  config: {depth: 1, hidden_size: 16, num_heads: 2, temporal_layers: 1, tubelet_size: [2, 8, 8], pooling: mean}
 sweep:
   model: [1, 2, 3, 4]
 repeats: 1
