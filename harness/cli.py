@@ -69,22 +69,11 @@ def cmd_variants(args) -> int:
 
 # --------------------------------------------------------------------- bench
 
-def resolve_device(name: str) -> str:
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible to this torch "
-                          f"({torch.__version__}); valid here: cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r}: valid: auto, cpu, cuda")
-    return name
-
-
 def cmd_bench(args) -> int:
     from . import registry
     from .metrics.flops import FLOP_CONVENTION, build_uninitialised, flops_of
     from .metrics.speed import SpeedOptions, measure_speed
+    from .sweep import resolve_device
 
     overrides = parse_sets(args.set)
     device = resolve_device(args.device)
