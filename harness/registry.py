@@ -71,7 +71,12 @@ class VariantSpec:
     factory: Callable[[Any], nn.Module]
     defaults: dict = field(default_factory=dict)   # config fields this name fixes
     test_overrides: dict = field(default_factory=dict)  # shrink for the registry-wide tests
-    doc: str = ""
+    description: str = ""
+
+    @property
+    def doc(self) -> str:
+        """One line saying what this variant is (the factory's docstring by default)."""
+        return self.description or (self.factory.__doc__ or "").strip()
 
     def config(self, **overrides) -> Any:
         return make_config(self.config_cls, {**self.defaults, **overrides},
@@ -83,7 +88,7 @@ _PLUGINS_LOADED = False
 
 
 def register(name: str, *, family: str, config: type, test_overrides: dict | None = None,
-             **defaults) -> Callable:
+             doc: str = "", **defaults) -> Callable:
     """Register ``factory(cfg) -> nn.Module`` under ``name`` with fixed config defaults."""
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"config for {name!r} must be a dataclass, got {config!r}")
@@ -98,7 +103,7 @@ def register(name: str, *, family: str, config: type, test_overrides: dict | Non
                 f"variant {name!r} is already registered (family {_REGISTRY[name].family!r}, "
                 f"{_REGISTRY[name].factory.__module__}); pick another name")
         _REGISTRY[name] = VariantSpec(name, family, config, factory, dict(defaults),
-                                      dict(test_overrides or {}), (factory.__doc__ or "").strip())
+                                      dict(test_overrides or {}), doc)
         return factory
 
     return deco

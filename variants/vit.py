@@ -91,8 +91,10 @@ class ViT(Variant):
 for _name, (_depth, _width, _heads) in {"vit-ti": (12, 192, 3), "vit-s": (12, 384, 6),
                                         "vit-b": (12, 768, 12)}.items():
     register(_name, family="vit", config=ViTConfig, depth=_depth, hidden_size=_width,
-             num_heads=_heads, test_overrides={"depth": 2, "input_size": 32, "num_classes": 10})(
+             num_heads=_heads, test_overrides={"depth": 2, "input_size": 32, "num_classes": 10},
+             doc=f"ViT-{_name[4:].upper()}: {_depth} layers, width {_width}, {_heads} heads, patch 16")(
         lambda cfg: ViT(cfg))
 
 register("vit-digits", family="vit", config=ViTConfig, input_size=8, in_channels=1, patch_size=2,
-         hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10)(lambda cfg: ViT(cfg))
+         hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10,
+         doc="A small ViT for the 8x8 digits: 4 layers, width 64, 4 heads, patch 2")(lambda cfg: ViT(cfg))
