@@ -328,9 +328,15 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
             continue
         direction = claim.get("direction") or next((o.direction for o in objectives if o.metric == metric),
                                                    "maximize")
-        t, _ = group_table(df, [axis], [metric], objectives if metric in [o.metric for o in objectives]
+        sub = df
+        for wk, wv in (claim.get("where") or {}).items():
+            sub = sub[sub[wk].isin(wv)]
+        t, _ = group_table(sub, [axis], [metric], objectives if metric in [o.metric for o in objectives]
                            else [type(first)(metric, direction)])
-        claim_lines.append(evaluate_claim(claim, t, axis, metric, direction == "maximize"))
+        line = evaluate_claim(claim, t, axis, metric, direction == "maximize")
+        if claim.get("where"):
+            line += " (Judged on " + "; ".join(f"{k} in {v}" for k, v in claim["where"].items()) + ".)"
+        claim_lines.append(line)
 
     # plots
     plot_pareto(cells, first.metric, maximize, out / "pareto.png")

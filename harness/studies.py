@@ -379,10 +379,14 @@ def load_study(path: str | Path, profile: str | None = None, *,
     for i, c in enumerate(claims):
         if not isinstance(c, dict) or "text" not in c:
             raise err(f"claims[{i}]", "must be a mapping with at least `text`")
-        extra_keys = set(c) - {"text", "axis", "metric", "best", "worst", "direction"}
+        extra_keys = set(c) - {"text", "axis", "metric", "best", "worst", "direction", "where"}
         if extra_keys:
             raise err(f"claims[{i}]", f"unknown keys {sorted(extra_keys)}; valid: text, axis, "
-                      "metric, best, worst, direction")
+                      "metric, best, worst, direction, where")
+        for wk, wv in (c.get("where") or {}).items():  # judge the claim on these values only
+            if wk not in sweep or not isinstance(wv, list) or any(v not in sweep[wk] for v in wv):
+                raise err(f"claims[{i}].where.{wk}", f"must be a sweep axis with a list of its "
+                          f"values; axes: {list(sweep)}")
         axis = c.get("axis", next(iter(sweep), None))
         if axis not in sweep:
             raise err(f"claims[{i}].axis", f"{axis!r} is not a sweep axis; valid: {list(sweep)}")
