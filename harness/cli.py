@@ -165,6 +165,11 @@ def cmd_bench_packing(args, rest) -> int:
     return bench_main(rest)
 
 
+def cmd_bench_peer(rest) -> int:
+    from .bench_peer import main as peer_main
+    return peer_main(rest)
+
+
 def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default=os.environ.get("HARNESS_RUNS_DIR", "runs"),
                    help="local folder of the embedded SQLite stores (default ./runs)")
@@ -242,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp = sub.add_parser("bench-packing", help="NaViT packing vs padding images/s (see --help)",
                         add_help=False)
     bp.set_defaults(fn=None)
+    pp = sub.add_parser("bench-peer", help="ours vs vit-pytorch, same configs (see --help)",
+                        add_help=False)
+    pp.set_defaults(fn=None)
     return p
 
 
@@ -251,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "bench-packing":
             return cmd_bench_packing(None, argv[1:])
+        if argv and argv[0] == "bench-peer":
+            return cmd_bench_peer(argv[1:])
         args = parser.parse_args(argv)
         args.argv = argv
         return int(args.fn(args) or 0)

@@ -4,6 +4,14 @@ layers as arguments, and fixed sin-cos position embeddings.
 Attention always goes through ``attention()`` (``F.scaled_dot_product_attention``:
 fused/flash kernels where the backend has them).  ``harness.metrics.flops`` counts
 that op, so attention FLOPs are never silently dropped.
+
+Every projection is a ``Linear`` (an ``nn.Linear``: same parameters, init and state
+dict) whose fp32 CPU matmuls, forward and backward, run on oneDNN (``linear()``) where
+the build has it: torch sends fp32 ``F.linear`` to its BLAS (MKL), which on AMD CPUs
+takes an AVX2 path at about half of what the cores do (measured on the dev machine, an
+AMD EPYC with AVX-512: 2 cores, ~100 vs ~230 GFLOP/s per core; see docs/speed.md).
+Tracing (FLOP counting), ``torch.compile``, autocast, CUDA and other dtypes take
+``F.linear`` unchanged.
 """
 from __future__ import annotations
 
@@ -14,6 +22,79 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
+# ------------------------------------------------------------ linear layers
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+CPU_LINEAR = "onednn" if _onednn_linear_available() else "aten"  # fp32 CPU matmuls of Linear
+
+
+def _mm_onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T [+ bias] on oneDNN (any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x w^T + b with all three matmuls (forward, input grad, weight grad) on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm_onednn(x, weight, bias)  # (M, N)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm_onednn(gy, weight.t().contiguous())  # (M, N) @ (N, K) -> (M, K)
+        if ctx.needs_input_grad[1]:
+            gw = _mm_onednn(gy.t(), x.t())  # (N, M) @ (M, K) -> (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(0)
+        return gx, gw, gb
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (CPU_LINEAR == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.numel() > 0 and x.dim() >= 2
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and not _cpu_autocast())
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with fp32 CPU matmuls on oneDNN (see the module docstring)."""
+    if not _use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _OneDNNLinear.apply(x2, weight, bias)
+    else:
+        y = _mm_onednn(x2, weight, bias)
+    return y.view(*lead, weight.shape[0])  # (..., N)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is ``linear()``: fp32 CPU matmuls on oneDNN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# ------------------------------------------------------------ attention
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,8 +114,8 @@ class Attention(nn.Module):
         assert dim % num_heads == 0, "dim must be divisible by num_heads"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
@@ -58,9 +139,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -75,9 +156,9 @@ class CrossAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: type[nn.Module] | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = act() if act is not None else nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
