@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, sync
 
 PEER = "vit-pytorch"
@@ -258,8 +259,10 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
     labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
     row = {"model": label, "params": po, "batch_size": batch, "config": config}
     for mode in ("train", "infer"):
-        times = race({"ours": ours, "theirs": theirs}, inputs, labels, mode == "train",
-                     args.warmup, args.rounds, device)
+        with OtherLoad() as other:
+            times = race({"ours": ours, "theirs": theirs}, inputs, labels, mode == "train",
+                         args.warmup, args.rounds, device)
+        row[f"{mode}_other_cpu_cores"] = other.cores
         for who, t in times.items():
             med = statistics.median(t)
             row[f"{who}_{mode}_step_ms_median"] = med * 1e3
@@ -342,16 +345,18 @@ def render_peer(r: dict) -> str:
              f"{lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}",
              f"- method: {r['warmup']} warm-up steps each, then {r['rounds']} rounds alternating ours "
              "and theirs; median step time; train = forward + cross entropy + backward + AdamW; "
-             "ratio = ours samples/s / theirs samples/s (> 1: ours faster)", "",
+             "ratio = ours samples/s / theirs samples/s (> 1: ours faster); other procs = CPU cores "
+             "other processes used while train / inference were timed (0 = a quiet machine)", "",
              "| model | params (both) | batch | train ms ours | train ms theirs | train ratio | "
-             "infer ms ours | infer ms theirs | infer ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "infer ms ours | infer ms theirs | infer ratio | other procs (cores) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         lines.append(
             f"| {row['model']} | {row['params']:,} | {row['batch_size']} | "
             f"{row['ours_train_step_ms_median']:.1f} | {row['theirs_train_step_ms_median']:.1f} | "
             f"**{row['train_ratio']:.2f}** | {row['ours_infer_step_ms_median']:.1f} | "
-            f"{row['theirs_infer_step_ms_median']:.1f} | **{row['infer_ratio']:.2f}** |")
+            f"{row['theirs_infer_step_ms_median']:.1f} | **{row['infer_ratio']:.2f}** | "
+            f"{row['train_other_cpu_cores']:.2f} / {row['infer_other_cpu_cores']:.2f} |")
     lines += ["", "Configurations (ours; theirs adjusted to the same design, see "
               "`harness/bench_peer.py` `match_vivit` / `match_navit`):", ""]
     for row in r["rows"]:

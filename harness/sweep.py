@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -101,6 +102,7 @@ class Runner:
         self.data_cache: dict = {}
         self.failures: list[str] = []
         self.given_up: set = set()
+        self.interrupted = False
         self.finished: list[dict] = []
 
     # ------------------------------------------------------------- stores
@@ -272,6 +274,12 @@ class Runner:
         self.bar = tqdm(total=total, initial=done, desc=s.study_name, unit="trial",
                         disable=self.quiet or None, position=0, leave=True)
         status = "FINISHED"
+        # Ctrl-C: Python's default KeyboardInterrupt can land in a finaliser and be swallowed,
+        # so the first SIGINT only sets a flag that the trial checks at its next logged step
+        # (a second one interrupts at once).
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             self.optuna_study.optimize(
                 self.objective, n_trials=n_trials, timeout=timeout, catch=(Exception,),
@@ -282,6 +290,8 @@ class Runner:
                   "on resume", file=sys.stderr)
             raise
         finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
             self.bar.close()
             parent.log_metrics({"trials_finished": len(self.finished),
                                 "trials_failed": len(self.failures)})
@@ -293,7 +303,19 @@ class Runner:
         unexpected = [f for f in self.failures if "[unexpected]" in f]
         return 1 if unexpected else 0
 
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\nharness: interrupt: stopping at the trial's next step (Ctrl-C again: now)",
+              file=sys.stderr, flush=True)
+
+    def check_interrupt(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
     def _after_trial(self, study, trial) -> None:
+        self.check_interrupt()
         if self.point_of(trial) is not None and not trial.user_attrs.get("duplicate_of"):
             self.bar.update(1)
         if self.waiting() == 0 and not self.wait_for_stragglers():
@@ -507,6 +529,7 @@ class Runner:
                              position=1, leave=False)
 
         def report(value: float, step: int) -> None:
+            self.check_interrupt()
             if not single:
                 return
             trial.report(sign * float(value), step)
@@ -514,6 +537,7 @@ class Runner:
                 raise optuna.TrialPruned(f"at step {step}, intermediate value {value:.4g}")
 
         def log_metrics(metrics: dict, step: int | None = None) -> None:
+            self.check_interrupt()
             run.log_metrics(metrics, step)
             if steps_bar is not None and step:
                 steps_bar.n = min(step, s.budget.steps)

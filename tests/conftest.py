@@ -66,6 +66,16 @@ def row_counts(runs_dir: Path) -> dict:
     return out
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_leak():
+    """mlflow.set_tracking_uri() also sets MLFLOW_TRACKING_URI in the environment, which
+    the CLI honours: clear it after each test so one test's store never leaks into the next."""
+    import os
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory) -> Path:
     """One runs folder for the session (creating MLflow's SQLite schema takes seconds)."""

@@ -55,13 +55,18 @@ def test_mfu_denominator_choice():
     assert peak.peak_for({"peak_fp32_tflops": 1.0}, "cpu", bf16=True) == (1e12, "fp32")
 
 
-def test_cached_peak_measures_once_per_process(monkeypatch):
+def test_cached_peak_measures_once_and_refresh_keeps_the_best(monkeypatch):
+    measured = iter([{"peak_fp32_tflops": 1.0, "peak_fp32_size": 64},
+                     {"peak_fp32_tflops": 3.0, "peak_fp32_size": 128},
+                     {"peak_fp32_tflops": 2.0, "peak_fp32_size": 64}])
     calls = []
-    peak._cached.cache_clear()
-    monkeypatch.setattr(peak, "measure_peak", lambda d, s: calls.append(d) or {"peak_fp32_tflops": 1.0})
+    monkeypatch.setattr(peak, "_BEST", {})
+    monkeypatch.setattr(peak, "measure_peak", lambda d, s: calls.append(d) or next(measured))
     a = peak.cached_peak("cpu", (32,))
-    b = peak.cached_peak("cpu", (32,))
-    assert a == b and calls == ["cpu"]
+    assert peak.cached_peak("cpu", (32,)) == a and calls == ["cpu"]  # measured once
     a["peak_fp32_tflops"] = 9.0  # callers get copies
     assert peak.cached_peak("cpu", (32,))["peak_fp32_tflops"] == 1.0
-    peak._cached.cache_clear()
+    # a re-measurement that is faster replaces the peak (with its size); a slower one does not
+    assert peak.cached_peak("cpu", (32,), refresh=True) == {"peak_fp32_tflops": 3.0, "peak_fp32_size": 128}
+    assert peak.cached_peak("cpu", (32,), refresh=True)["peak_fp32_tflops"] == 3.0
+    assert len(calls) == 3

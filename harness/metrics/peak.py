@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Sequence
@@ -205,6 +206,43 @@ def mfu_metrics(speed: dict, gmacs_fwd_per_sample: float, peak_flops_per_s: floa
         out[f"{mode}_mfu"] = mfu(gmacs_fwd_per_sample, sps, peak_flops_per_s, mode == "train")
         out[f"{mode}_model_tflops"] = out[f"{mode}_mfu"] * peak_flops_per_s / 1e12
     return out
+
+
+class OtherLoad:
+    """CPU use of *other* processes while a block runs, in cores (Linux /proc; else NaN):
+    (busy jiffies of the whole machine - this process's) / wall time.  Timings taken while
+    this is well above 0 on a machine with few cores are not worth comparing.
+
+        with OtherLoad() as other: ...time something...
+        other.cores  # e.g. 0.05 on an idle machine, 1.0 when another job holds a core
+    """
+
+    def __enter__(self):
+        self.t0, self.all0, self.own0 = time.perf_counter(), _busy_jiffies(), _own_jiffies()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        all1, own1 = _busy_jiffies(), _own_jiffies()
+        if self.all0 is None or all1 is None or wall <= 0:
+            self.cores = float("nan")
+        else:
+            hz = os.sysconf("SC_CLK_TCK")
+            self.cores = max(0.0, ((all1 - self.all0) - (own1 - self.own0)) / hz / wall)
+
+
+def _busy_jiffies() -> int | None:
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(v) - v[3] - v[4]  # minus idle and iowait
+
+
+def _own_jiffies() -> float:
+    t = os.times()
+    return (t.user + t.system) * os.sysconf("SC_CLK_TCK")
 
 
 def add_mfu(record: dict, device: torch.device | str, bf16: bool = False,

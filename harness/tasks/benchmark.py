@@ -97,7 +97,8 @@ class BenchmarkTask(Task):
                "infer_peak_mem_mb", "train_step_ms_median", "train_step_ms_min",
                "peak_fp32_blas_tflops", "peak_fp32_onednn_tflops",
                "train_step_ms_max", "infer_step_ms_median", "infer_step_ms_min",
-               "infer_step_ms_max", "gflops_fwd_timed", "bench_time_s", "threads")
+               "infer_step_ms_max", "gflops_fwd_timed", "bench_time_s", "threads",
+               "other_cpu_cores")
 
     def model_overrides(self, options, data_info, config_fields) -> dict:
         if options.inputs == "data":  # the data's channels / classes / size, as in training
@@ -117,7 +118,7 @@ class BenchmarkTask(Task):
     def run(self, ctx: TrialContext) -> dict:
         import time
 
-        from ..metrics.peak import cached_peak, mfu_metrics, peak_for
+        from ..metrics.peak import OtherLoad, cached_peak, mfu_metrics, peak_for
         from ..metrics.speed import SpeedOptions, measure_speed
 
         o: BenchmarkOptions = ctx.options
@@ -131,10 +132,11 @@ class BenchmarkTask(Task):
             gmacs = gmacs_per_sample(ctx.model, inputs, o.batch_size)
             extra = getattr(ctx.model, "extra_metrics", dict)
             extra()  # reset family counters (NaViT padding) touched by the counting forward
-            speed = measure_speed(ctx.model, SpeedOptions(
-                batch_size=o.batch_size, warmup=o.warmup, steps=o.steps, bf16=o.bf16,
-                compile=o.compile, channels_last=o.channels_last, train=o.train, infer=o.infer,
-                seed=ctx.seed), device, inputs)
+            with OtherLoad() as other:  # what other processes took from the cores meanwhile
+                speed = measure_speed(ctx.model, SpeedOptions(
+                    batch_size=o.batch_size, warmup=o.warmup, steps=o.steps, bf16=o.bf16,
+                    compile=o.compile, channels_last=o.channels_last, train=o.train,
+                    infer=o.infer, seed=ctx.seed), device, inputs)
             peak = {}
             if o.measure_peak and not o.peak_tflops:
                 # measured after the timing too: the best peak seen in the process is the
@@ -151,6 +153,8 @@ class BenchmarkTask(Task):
         out["gflops_fwd_timed"] = gmacs
         out.update(family)
         out["threads"] = float(threads)
+        if math.isfinite(other.cores):
+            out["other_cpu_cores"] = other.cores  # > 0.2 or so on a small machine: noisy timing
         out.update({k: float(v) for k, v in peak.items() if k.endswith(("_tflops", "_tmacs"))})
         tags = {"bench.inputs": o.inputs, "bench.bf16": str(o.bf16).lower(), "bench.compile": str(o.compile).lower(),
                 "bench.channels_last": str(o.channels_last).lower(),
