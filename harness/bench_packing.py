@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .metrics import cpu_malloc
 from .metrics.speed import sync
 
 
@@ -90,6 +91,7 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
+    malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     # a busy machine inflates step times, pack's (many small kernels) more than pad's
     out["load_avg_1m"] = max(load_start, os.getloadavg()[0])
     out["cpu_count"] = os.cpu_count() or 1
+    out["malloc"] = malloc
     return out
 
 

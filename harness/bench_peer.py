@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .metrics import cpu_malloc
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, sync
 
@@ -291,6 +292,7 @@ def hardware() -> dict:
 def run_peer(args) -> dict:
     import variants.common as common
     device = torch.device(args.device)
+    malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.linear != "auto":
@@ -327,7 +329,7 @@ def run_peer(args) -> dict:
             raise ConfigError(f"--models: unknown {m!r}; valid: m2, m3, navit")
     return {"bench": "peer", "peer": PEER, "peer_version": peer_version(), "device": str(device),
             "rounds": args.rounds, "warmup": args.warmup, "load_avg_before": load_before,
-            "ours_cpu_linear": common.CPU_LINEAR,
+            "ours_cpu_linear": common.CPU_LINEAR, "malloc": malloc,
             "load_avg_after": os.getloadavg(), "hardware": hardware(), "rows": rows,
             "command": "python -m harness.bench_peer " + " ".join(args.argv)}
 
@@ -340,7 +342,8 @@ def render_peer(r: dict) -> str:
              f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads, "
              f"{hw.get('gpu', 'no GPU')}; device `{r['device']}`",
              f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}; our "
-             f"fp32 CPU Linear path: `{r.get('ours_cpu_linear', '?')}` (theirs: torch's `F.linear`)",
+             f"fp32 CPU Linear path: `{r.get('ours_cpu_linear', '?')}` (theirs: torch's `F.linear`); "
+             f"malloc: `{r.get('malloc', '?')}` for both (harness/metrics/cpu_malloc.py)",
              f"- load average (1/5/15 min) before: {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}, after: "
              f"{lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}",
              f"- method: {r['warmup']} warm-up steps each, then {r['rounds']} rounds alternating ours "
@@ -494,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_peer(r))
-        (out.parent / "results.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+        name = "results.json" if out.name == "README.md" else f"{out.stem}.json"
+        (out.parent / name).write_text(json.dumps(r, indent=1, default=str) + "\n")
     return 0
 
 

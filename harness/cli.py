@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from .errors import ConfigError, HarnessError
+from .metrics import cpu_malloc
 
 
 def parse_sets(items: Sequence[str] | None) -> dict:
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    cpu_malloc.tune()  # keep the CPU heap between steps (harness/metrics/cpu_malloc.py)
     parser = build_parser()
     try:
         if argv and argv[0] == "bench-packing":

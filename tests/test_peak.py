@@ -70,3 +70,22 @@ def test_cached_peak_measures_once_and_refresh_keeps_the_best(monkeypatch):
     assert peak.cached_peak("cpu", (32,), refresh=True) == {"peak_fp32_tflops": 3.0, "peak_fp32_size": 128}
     assert peak.cached_peak("cpu", (32,), refresh=True)["peak_fp32_tflops"] == 3.0
     assert len(calls) == 3
+
+
+def test_other_load_counts_only_other_processes(monkeypatch):
+    # the machine was busy for 300 jiffies, 100 of them ours, over 2 s: others used 1 core
+    hz = peak.os.sysconf("SC_CLK_TCK")
+    busy, own, clock = iter([0, 3 * hz]), iter([0.0, 1.0 * hz]), iter([10.0, 12.0])
+    monkeypatch.setattr(peak, "_busy_jiffies", lambda: next(busy))
+    monkeypatch.setattr(peak, "_own_jiffies", lambda: next(own))
+    monkeypatch.setattr(peak.time, "perf_counter", lambda: next(clock))
+    with peak.OtherLoad() as other:
+        pass
+    assert other.cores == pytest.approx(1.0)
+
+
+def test_other_load_without_proc_is_nan(monkeypatch):
+    monkeypatch.setattr(peak, "_busy_jiffies", lambda: None)
+    with peak.OtherLoad() as other:
+        pass
+    assert math.isnan(other.cores)

@@ -63,8 +63,13 @@ class DiTConfig:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, per sample, broadcast over tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: x * (1 + scale) + shift, per sample, broadcast over tokens (one fused pass)."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """adaLN-Zero's gated residual x + gate * y, gate per sample (one fused pass)."""
+    return torch.addcmul(x, gate.unsqueeze(1), y)
 
 
 class TimestepEmbedder(nn.Module):
@@ -130,8 +135,8 @@ class DiTBlock(nn.Module):
         # x: (N, T, D) tokens; c: (N, D) = t_emb + y_emb; context: (N, 2, D) = [t_emb, y_emb]
         if self.conditioning == "adaln_zero":
             sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = x + g_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh_a, sc_a))
-            return x + g_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh_m, sc_m))
+            x = gated(x, g_a, self.attn(modulate(self.norm1(x), sh_a, sc_a)))
+            return gated(x, g_m, self.mlp(modulate(self.norm2(x), sh_m, sc_m)))
         if self.conditioning == "adaln":
             sh_a, sc_a, sh_m, sc_m = self.adaLN_modulation(c).chunk(4, dim=1)
             x = x + self.attn(modulate(self.norm1(x), sh_a, sc_a))
@@ -217,7 +222,9 @@ class DiT(Variant):
         return x.reshape(x.shape[0], c, h * p, h * p)
 
     def embed(self, x, t, y, force_drop_ids=None):
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        # contiguous: the conv's (N, D, T) layout would otherwise follow the residual stream
+        # through every block, and each LayerNorm would copy it (forward and backward)
+        x = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed  # (N, T, D)
         t_emb = self.t_embedder(t)  # (N, D)
         y_emb = self.y_embedder(y, force_drop_ids)  # (N, D)
         return x, t_emb, y_emb

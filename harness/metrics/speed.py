@@ -3,8 +3,12 @@
 Warm-up steps first, then N timed steps, each closed by a device synchronisation;
 we report the median step time with min and max, samples/s and tokens/s from the
 median, and peak memory.  On CUDA, peak memory is ``max_memory_allocated``; on CPU it
-is the peak resident-set growth over the timed steps (sampled every millisecond),
-and ``peak_mem_source`` says which.
+is the peak growth of the bytes malloc has handed out (glibc ``mallinfo2``), or where that
+is missing of the resident set, sampled every millisecond over one extra step after the
+timed ones (sampling the timed steps would slow them);
+``peak_mem_source`` says which.  CPU timings run with the malloc settings of
+``harness.metrics.cpu_malloc`` (applied by ``measure_speed``; ``HARNESS_MALLOC=system``
+keeps glibc's defaults) and record the mode as ``malloc``.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import cpu_malloc
 
 
 @dataclass
@@ -43,26 +49,27 @@ def _rss_bytes() -> int:
 
 
 class _PeakRSS:
-    """Samples resident memory in a thread; ``peak - baseline`` in bytes."""
+    """Samples ``read()`` (default: resident memory) in a thread; ``peak - baseline`` in bytes."""
 
-    def __init__(self, interval: float = 0.001):
+    def __init__(self, interval: float = 0.001, read=_rss_bytes):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.read = read
 
     def __enter__(self):
-        self.base = self.peak = _rss_bytes()
+        self.base = self.peak = self.read()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, self.read())
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.peak = max(self.peak, self.read())
 
     @property
     def delta(self) -> int:
@@ -79,10 +86,11 @@ def peak_memory(device: torch.device):
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         out["peak_mem_source"] = "cuda_max_allocated"
     else:
-        with _PeakRSS() as p:
+        malloc = cpu_malloc.in_use_bytes() is not None
+        with _PeakRSS(read=cpu_malloc.in_use_bytes if malloc else _rss_bytes) as p:
             yield out
         out["peak_mem_mb"] = p.delta / 2**20
-        out["peak_mem_source"] = "cpu_rss_growth"
+        out["peak_mem_source"] = "cpu_malloc_in_use" if malloc else "cpu_rss_growth"
 
 
 def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
@@ -97,6 +105,26 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def time_and_memory(step, device: torch.device, warmup: int, steps: int) -> tuple[list[float], dict]:
+    """Timed steps, and the peak memory of a step.  On CPU the memory sampler (a thread
+    reading malloc's counters every millisecond) would slow the steps it watches (~7% on 2
+    cores, measured), so it watches one extra, untimed step after the timed ones; CUDA's
+    counter costs nothing and watches the timed steps.  Tiny steps are repeated for 20 ms
+    under the sampler, which reads every millisecond."""
+    if device.type == "cuda":
+        with peak_memory(device) as mem:
+            times = time_steps(step, device, warmup, steps)
+        return times, mem
+    times = time_steps(step, device, warmup, steps)
+    with peak_memory(device) as mem:  # >= 20 ms of steps, so the 1 ms sampler sees the peak
+        t0 = time.perf_counter()
+        for _ in range(100):
+            step()
+            if time.perf_counter() - t0 > 0.02:
+                break
+    return times, mem
 
 
 def summarise(prefix: str, times: list[float], batch_size: int, tokens_per_sample: int) -> dict:
@@ -146,6 +174,8 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
     ``model.example_inputs``, seeded by ``opts.seed``)."""
     opts = opts or SpeedOptions()
     device = torch.device(device)
+    if device.type == "cpu":
+        cpu_malloc.tune()
     model = model.to(device)
     if inputs is None:
         gen = torch.Generator().manual_seed(opts.seed)
@@ -158,6 +188,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
     run = torch.compile(model) if opts.compile else model
     out: dict = {"batch_size": opts.batch_size, "bf16": opts.bf16, "compile": opts.compile,
                  "channels_last": opts.channels_last,
+                 "malloc": cpu_malloc.mode() if device.type == "cpu" else "",
                  "device": str(device), "timed_steps": opts.steps, "warmup_steps": opts.warmup}
     peaks = []
     if opts.train:
@@ -171,8 +202,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
             loss.backward()
             optim.step()
 
-        with peak_memory(device) as mem:
-            times = time_steps(train_step, device, opts.warmup, opts.steps)
+        times, mem = time_and_memory(train_step, device, opts.warmup, opts.steps)
         out.update(summarise("train", times, opts.batch_size, model.tokens_per_sample()))
         out["train_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)
@@ -184,8 +214,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
             with torch.inference_mode(), autocast(device, opts.bf16):
                 run(*inputs)
 
-        with peak_memory(device) as mem:
-            times = time_steps(infer_step, device, opts.warmup, opts.steps)
+        times, mem = time_and_memory(infer_step, device, opts.warmup, opts.steps)
         out.update(summarise("infer", times, opts.batch_size, model.tokens_per_sample()))
         out["infer_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)

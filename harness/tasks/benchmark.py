@@ -160,6 +160,7 @@ class BenchmarkTask(Task):
                 "bench.channels_last": str(o.channels_last).lower(),
                 "bench.threads": str(threads), "bench.batch_size": str(o.batch_size),
                 "bench.peak_mem_source": str(speed.get("peak_mem_source", "")),
+                "bench.malloc": str(speed.get("malloc", "")),
                 "bench.flops": "fwd MACs of the timed batch per sample (fvcore, attention incl.)"}
         if peak or o.peak_tflops:
             peak_flops, which = peak_for(peak, device, o.bf16, o.peak_tflops)

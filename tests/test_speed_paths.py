@@ -1,0 +1,106 @@
+"""The fast paths give the numbers of the plain ones: oneDNN linears (eager and compiled),
+DiT's fused adaLN ops, and the CPU malloc settings / memory counter."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.metrics import cpu_malloc
+from harness.metrics.speed import SpeedOptions, measure_speed
+from variants import common
+from variants.dit import gated, modulate
+
+
+@pytest.mark.parametrize("k,n", [(24, 72), (72, 24), (32, 32)])  # both weight-grad branches
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_forward_and_backward(k, n, bias):
+    torch.manual_seed(0)
+    lin = common.Linear(k, n, bias=bias)
+    x = torch.randn(3, 5, k, requires_grad=True)
+    y = lin(x)
+    gy = torch.randn_like(y)
+    gx, gw, *gb = torch.autograd.grad(y, [x, lin.weight, *([lin.bias] if bias else [])], gy)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = F.linear(x2, lin.weight, lin.bias)
+    rx, rw, *rb = torch.autograd.grad(y2, [x2, lin.weight, *([lin.bias] if bias else [])], gy)
+    assert y.shape == (3, 5, n)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(gb[0], rb[0], rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_is_used_on_cpu_fp32_only():
+    if common.CPU_LINEAR != "onednn":
+        pytest.skip("this torch build has no oneDNN linear; F.linear is used everywhere")
+    w = torch.randn(4, 3)
+    assert common._use_onednn(torch.randn(2, 3), w)
+    assert not common._use_onednn(torch.randn(2, 3, dtype=torch.float64), w.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not common._use_onednn(torch.randn(2, 3), w)
+
+
+def test_compiled_linear_matches_eager():
+    torch.manual_seed(0)
+    mlp = common.Mlp(16, 48)
+    x = torch.randn(2, 7, 16)
+    compiled = torch.compile(mlp)
+    y, yc = mlp(x), compiled(x)
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(y.square().sum(), mlp.fc1.weight)[0]
+    gc = torch.autograd.grad(compiled(x).square().sum(), mlp.fc1.weight)[0]
+    torch.testing.assert_close(gc, g, rtol=1e-4, atol=1e-5)
+
+
+def test_dit_fused_adaln_ops_equal_the_papers_formulas():
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    shift, scale, gate = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(modulate(x, shift, scale),
+                               x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1))
+    torch.testing.assert_close(gated(x, gate, y), x + gate.unsqueeze(1) * y)
+
+
+def test_malloc_counter_sees_a_live_tensor():
+    before = cpu_malloc.in_use_bytes()
+    if before is None:
+        pytest.skip("no glibc mallinfo2 here: CPU peak memory falls back to resident memory")
+    t = torch.empty(64 * 2**20 // 4).fill_(1.0)  # 64 MiB
+    during = cpu_malloc.in_use_bytes()
+    del t
+    assert during - before >= 60 * 2**20
+
+
+def _mode_in_subprocess(env_value: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_MALLOC"}
+    if env_value is not None:
+        env["HARNESS_MALLOC"] = env_value
+    code = "from harness.metrics import cpu_malloc; print(cpu_malloc.tune(), cpu_malloc.mode())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_malloc_settings_apply_once_and_can_be_turned_off():
+    tuned = _mode_in_subprocess(None)
+    assert tuned in ("tuned tuned", "unavailable unavailable")
+    assert _mode_in_subprocess("system") == "system system"
+
+
+def test_cpu_speed_records_malloc_mode_and_memory_from_an_extra_step():
+    model = common.Mlp(256, 1024)
+    model.example_inputs = lambda b, device=None, generator=None: (
+        torch.randn(b, 512, 256, generator=generator),)
+    model.bench_loss = lambda out: out.square().mean()
+    model.tokens_per_sample = lambda: 512
+    r = measure_speed(model, SpeedOptions(batch_size=4, warmup=1, steps=2), "cpu")
+    assert r["malloc"] == cpu_malloc.mode()
+    assert r["peak_mem_source"] in ("cpu_malloc_in_use", "cpu_rss_growth")
+    if r["peak_mem_source"] == "cpu_malloc_in_use":
+        # a train step holds at least the (4, 512, 1024) fp32 hidden activation (8 MiB)
+        assert r["train_peak_mem_mb"] >= 8
+    assert r["train_samples_per_s"] > 0 and r["infer_samples_per_s"] > 0
