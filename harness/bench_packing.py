@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -204,11 +205,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one flat JSON record")
+    p.add_argument("--out", default="",
+                   help="also write a report: this README.md (hardware, the matmul peak measured "
+                        "in the same run, load, command) and results.json beside it")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import HarnessError
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     try:
         r = run(args)
@@ -216,7 +221,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harness bench-packing: {e}", file=sys.stderr)
         return e.exit_code
     print(json.dumps(r) if args.json else render(r))
+    if args.out:
+        from .bench_peer import hardware
+        from .metrics.peak import measure_peak
+        r.update(measure_peak(args.device), hardware=hardware(),
+                 command="python -m harness.bench_packing " + " ".join(argv))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_report(r))
+        (out.parent / "results.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+        print(f"report: {out}")
     return 0
+
+
+def render_report(r: dict) -> str:
+    """Markdown report of one bench-packing run (``--out``)."""
+    hw = r["hardware"]
+    peak = ", ".join(f"{d} {r[f'peak_{d}_tflops']:.3f} TFLOP/s ({r[f'peak_{d}_impl']}, "
+                     f"{r[f'peak_{d}_size']}^3 GEMM)" for d in ("fp32", "bf16")
+                     if f"peak_{d}_tflops" in r)
+    rows = ["| arm | mode | ms/step median (min-max) | images/s | speedup vs pad | of ideal |",
+            "|---|---|---:|---:|---:|---:|"]
+    arms = sorted({k.split("_train_step_ms_median")[0] for k in r if k.endswith("_train_step_ms_median")})
+    for mode in ("train", "infer"):
+        for a in arms:
+            sp = r.get(f"{a}_{mode}_speedup")
+            rows.append(f"| {a} | {mode} | {r[f'{a}_{mode}_step_ms_median']:.1f} "
+                        f"({r[f'{a}_{mode}_step_ms_min']:.1f}-{r[f'{a}_{mode}_step_ms_max']:.1f}) | "
+                        f"{r[f'{a}_{mode}_images_per_s']:.1f} | "
+                        + (f"{sp:.2f}x | **{r[f'{a}_{mode}_fraction_of_ideal']:.0%}** |"
+                           if sp is not None else "- | - |"))
+    return "\n".join([
+        f"# Does packing pay? NaViT pack vs pad on {r['device']}", "",
+        "Reproduce:", "", "```", r["command"], "```", "",
+        f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {r['threads']} torch threads, "
+        f"{hw.get('gpu', 'no GPU')}; device `{r['device']}`",
+        f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}; "
+        f"malloc `{r.get('malloc', '')}` (harness/metrics/cpu_malloc.py)",
+        f"- dense matmul peak measured in the same run: {peak}",
+        f"- load average (1 min, highest seen): {r['load_avg_1m']:.2f} on {r['cpu_count']} cores",
+        f"- model: {r['variant']}, depth {r['depth']}, width {r['hidden_size']}, same weights in "
+        f"both arms; pack attention path `{r['pack_attn_path']}`",
+        f"- images: {r['batch_size']} per step, sides {r['min_size']}-{r['max_size']} px "
+        f"(skew {r['skew']}), patch {r['patch_size']}, max_seq_len {r['max_seq_len']}; real "
+        f"tokens/image {r['real_tokens_per_image']:.1f}",
+        f"- padding: pack {r['pack_padding_fraction']:.1%} ({r['pack_images_per_pack']:.1f} "
+        f"images/pack), pad {r['pad_padding_fraction']:.1%}",
+        f"- **ideal speedup** = (real + padded tokens of pad) / real tokens = "
+        f"**{r['ideal_speedup']:.2f}x**; target: pack reaches at least 80% of it",
+        f"- method: {r['warmup_steps']} warm-up steps, then {r['timed_steps']} timed steps per arm, "
+        "alternating arms; median; train = forward + cross entropy + backward + AdamW", "",
+        *rows, ""])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,27 @@ UNITS = {"gflops_fwd": "GFLOPs fwd (MAC, attn incl.)", "params_m": "params (M)",
          "peak_mem_mb": "peak mem (MB)"}
 
 
+def speed_environment(trials: pd.DataFrame) -> list[str]:
+    """Lines for a speed study's report: the matmul peak its trials measured (the MFU
+    denominator), the MFU rule, malloc mode, and other processes' CPU use while timing."""
+    lines = []
+    for d in ("fp32", "bf16"):
+        col = f"metrics.peak_{d}_tflops"
+        if col in trials and trials[col].notna().any():
+            v = trials[col].dropna()
+            lines.append(f"- dense {d} matmul peak measured in the same run (every trial's process): "
+                         f"{v.min():.3f} to {v.max():.3f} TFLOP/s (2·M·N·K per s)")
+    for tag, label in (("tags.bench.mfu_peak", "MFU denominator"), ("tags.bench.mfu_rule", "MFU rule"),
+                       ("tags.bench.malloc", "malloc"), ("tags.bench.peak_mem_source", "peak memory from")):
+        if tag in trials and trials[tag].notna().any():
+            lines.append(f"- {label}: {', '.join(sorted(set(trials[tag].dropna().astype(str))))}")
+    col = "metrics.other_cpu_cores"
+    if col in trials and trials[col].notna().any():
+        lines.append(f"- CPU cores used by other processes while timing: up to "
+                     f"{trials[col].max():.2f} (0 = a quiet machine)")
+    return lines
+
+
 def t95(n: int) -> float:
     """Two-sided 95% Student-t quantile for n samples."""
     if n < 2:
@@ -370,6 +391,7 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
         env.append(f"- load average (1 min) during trials: {min(loads):.2f} to {max(loads):.2f} "
                    f"on {trials['tags.device_name'].dropna().iloc[0] if 'tags.device_name' in trials else '?'}"
                    " (throughput figures are only comparable at similar load)")
+    env += speed_environment(trials)
     cmds = sorted(set(parents.get("tags.harness.command", pd.Series(dtype=str)).dropna()))
     cmd = command or (cmds[0] if cmds else f"harness run {study.path}")
     report_cmd = f"harness report {study.path}" + (f" --profile {study.profile}" if study.profile else "")

@@ -528,12 +528,17 @@ class Runner:
             steps_bar = tqdm(total=s.budget.steps, desc=f"  trial {trial.number}", unit="step",
                              position=1, leave=False)
 
+        optuna_s = [0.0]  # Optuna's share of the task's wall time (overhead accounting)
+
         def report(value: float, step: int) -> None:
             self.check_interrupt()
             if not single:
                 return
+            t = time.perf_counter()
             trial.report(sign * float(value), step)
-            if trial.should_prune():
+            prune = trial.should_prune()
+            optuna_s[0] += time.perf_counter() - t
+            if prune:
                 raise optuna.TrialPruned(f"at step {step}, intermediate value {value:.4g}")
 
         def log_metrics(metrics: dict, step: int | None = None) -> None:
@@ -556,17 +561,21 @@ class Runner:
                            report=report, log_metrics=log_metrics, log_artifact=run.log_artifact,
                            set_tags=run.set_tags,
                            generator=torch.Generator().manual_seed(resolved.seed))
-        t0 = time.perf_counter()
+        t0, log0 = time.perf_counter(), run.log_seconds
         try:
             metrics = self.run_task(task, ctx, run)
         finally:
             if steps_bar is not None:
                 steps_bar.close()
-        t_task = time.perf_counter() - t0
+        # the task's own compute: its wall time less the engine's work it called back into
+        # (MLflow logging and Optuna reports / pruning checks during the task)
+        bookkeeping = (run.log_seconds - log0) + optuna_s[0]
+        t_task = time.perf_counter() - t0 - bookkeeping
         total = time.perf_counter() - t_start
         overhead = total - t_task
         out = {**cost, **speed, **metrics, "trial_time_s": total, "task_time_s": t_task,
                "flops_time_s": t_flops, "speed_time_s": t_speed,
+               "task_bookkeeping_s": bookkeeping, "optuna_in_task_s": optuna_s[0],
                "overhead_time_s": overhead, "overhead_frac": overhead / total if total else 0.0,
                "tracking_time_s": run.log_seconds}
         run.log_metrics({k: v for k, v in out.items() if k not in cost and k not in speed},

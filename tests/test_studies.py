@@ -120,3 +120,16 @@ objectives: [{metric: accuracy, direction: maximize}]
     with pytest.raises(ConfigError, match="outside the project"):
         check_option_paths(O(root="../../x"), "data.options", [Path.cwd()])
     check_option_paths(O(root="tests"), "data.options", [Path.cwd()])
+
+
+def test_every_reference_report_a_study_names_is_committed():
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    named = []
+    for f in sorted((root / "studies").glob("*.yaml")):
+        for m in re.finditer(r"Reference run: (reports/\S+)", f.read_text()):
+            named.append((f.name, m.group(1)))
+    assert named, "no study names a reference report"
+    missing = [(f, p) for f, p in named if not (root / p).is_file()]
+    assert not missing, f"studies name reports that are not committed: {missing}"

@@ -68,8 +68,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """adaLN-Zero's gated residual x + gate * y, gate per sample (one fused pass)."""
-    return torch.addcmul(x, gate.unsqueeze(1), y)
+    """adaLN-Zero's gated residual x + gate * y, gate per sample.  Not an ``addcmul``: its
+    backward (the gate's gradient reduced over tokens) measured 1.3x slower in fp32 and 3.8x
+    under bf16 autocast (mixed dtypes) on DiT-S/2 shapes."""
+    return x + gate.unsqueeze(1) * y
 
 
 class TimestepEmbedder(nn.Module):
