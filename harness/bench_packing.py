@@ -91,6 +91,12 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
 
 
 def run(args: argparse.Namespace) -> dict:
+    from . import registry
+    from .errors import ConfigError
+    if registry.get(args.variant).family != "navit":
+        valid = ", ".join(v.name for v in registry.list_variants(family="navit"))
+        raise ConfigError(f"--variant {args.variant}: bench-packing times NaViT batching; "
+                          f"valid: {valid}")
     device = torch.device(args.device)
     malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:

@@ -31,7 +31,7 @@ NO_MAC_OPS = frozenset(
     logical_and logical_or logical_not bitwise_not floor ceil round remainder floor_divide abs
     cumsum argmax argmin topk sort argsort repeat_interleave repeat dropout feature_dropout
     lift_fresh __or__ __and__
-    unbind chunk split cat stack expand_as erf erfinv lerp square any all nonzero
+    unbind chunk split cat stack expand_as erf erfinv lerp square any all nonzero addcmul addcdiv
     """.split())
 
 
