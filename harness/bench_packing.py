@@ -164,8 +164,13 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+def timed_arms(r: dict) -> list[str]:
+    """The arm names of a ``run()`` record, sorted."""
+    return sorted({k[:-len("_train_step_ms_median")] for k in r if k.endswith("_train_step_ms_median")})
+
+
 def render(r: dict) -> str:
-    arms = sorted({k.split("_train_step_ms_median")[0] for k in r if k.endswith("_train_step_ms_median")})
+    arms = timed_arms(r)
     lines = [f"bench-packing: {r['variant']} (depth {r['depth']}, width {r['hidden_size']}) on "
              f"{r['device']}, {r['threads']} threads; {r['batch_size']} images, sides "
              f"{r['min_size']}-{r['max_size']} px (skew {r['skew']}), patch {r['patch_size']}, "
@@ -248,7 +253,7 @@ def render_report(r: dict) -> str:
                      if f"peak_{d}_tflops" in r)
     rows = ["| arm | mode | ms/step median (min-max) | images/s | speedup vs pad | of ideal |",
             "|---|---|---:|---:|---:|---:|"]
-    arms = sorted({k.split("_train_step_ms_median")[0] for k in r if k.endswith("_train_step_ms_median")})
+    arms = timed_arms(r)
     for mode in ("train", "infer"):
         for a in arms:
             sp = r.get(f"{a}_{mode}_speedup")

@@ -14,6 +14,13 @@ from harness import cli
 # machine).  Throughput is never asserted on, so this changes no result.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever an earlier test (or CLI --threads) set."""
+    torch.set_num_threads(1)
+    yield
+
 TINY_STUDY = """\
 name: {name}
 question: Does patch size matter for a 2-layer ViT on 8x8 digits?

@@ -25,15 +25,6 @@ def moving(**values):
     return build_dataset("moving_digits", options("moving_digits", **values))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: two busy intra-op threads slow small ops down by 10x or more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ moving digits
 
 SMALL = {"num_train": 240, "num_test": 96, "image_size": 16, "num_frames": 6}

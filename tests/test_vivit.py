@@ -24,15 +24,6 @@ SMALL = {"depth": 2, "temporal_layers": 2, "input_size": 16, "num_frames": 8,
          "in_channels": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: two busy intra-op threads slow small ops down by 10x or more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small(model: int, embedding: str = "tubelet", **extra):
     return registry.build("vivit-ti", {**SMALL, "model": model, "embedding": embedding, **extra},
                           seed=0)
