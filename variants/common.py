@@ -107,6 +107,15 @@ def _compile_op():
 _ONEDNN_OP = _compile_op()
 
 
+def eager_cpu_fp32(*tensors: torch.Tensor) -> bool:
+    """True where a hand-fused CPU kernel may replace the plain formula: every tensor fp32
+    on CPU, eager (not traced for FLOP counting, scripted or compiled: inductor fuses the
+    plain formula itself), no autocast."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and not _cpu_autocast())
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (CPU_LINEAR == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.numel() > 0 and x.dim() >= 2
