@@ -299,6 +299,52 @@ def evaluate_claim(claim: dict, table: pd.DataFrame, axis: str, metric: str, max
             f"Ranking by `{metric}` ({'higher' if maximize else 'lower'} is better): {ranking}.{sep}")
 
 
+# ------------------------------------------------------------------ ratios
+
+def ratio_section(ratio: dict, df: pd.DataFrame, axes: list[str]) -> list[str]:
+    """``value``'s metric over ``baseline``'s along one axis, per combination of the other
+    axes, paired by seed (one seed: the same data for both arms); against an ideal (a
+    metric of the baseline's runs, e.g. pad's tokens per real token) where the study names one."""
+    axis, m, ideal, target = ratio["axis"], ratio["metric"], ratio.get("ideal"), ratio.get("target")
+    others = [a for a in axes if a != axis]
+    head = ["" if not others else " | ".join(others) + " | ", "seeds | ", f"{ratio['value']} `{m}` | ",
+            f"{ratio['baseline']} `{m}` | ", "ratio (min-max) | "]
+    if ideal:
+        head += [f"ideal (`{ideal}` of {ratio['baseline']}) | ", "of ideal (min-max) | "]
+    if target is not None:
+        head.append(f"target: {f'{target:.0%} of ideal' if ideal else f'{target:g}'} | ")
+    lines = [f"**{ratio['text']}**", "", "| " + "".join(head).rstrip(" "),
+             "|" + "---|" * len(head)]
+    groups = df.groupby(others, sort=False) if others else [((), df)]
+
+    def span(xs, f="{:.3g}"):
+        one = f.format
+        return f"{one(np.mean(xs))} ({one(min(xs))}-{one(max(xs))})" if len(xs) > 1 else one(xs[0])
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        v = g[g[axis] == ratio["value"]].drop_duplicates("seed").set_index("seed")
+        b = g[g[axis] == ratio["baseline"]].drop_duplicates("seed").set_index("seed")
+        cols = [m] + ([ideal] if ideal else [])
+        seeds = sorted(set(v[m].dropna().index) & set(b[cols].dropna().index))
+        if not seeds:
+            continue
+        rs = [v.loc[s, m] / b.loc[s, m] for s in seeds]
+        row = [*(str(k) for k in key), str(len(seeds)), fmt(float(np.mean(v.loc[seeds, m]))),
+               fmt(float(np.mean(b.loc[seeds, m]))), span(rs)]
+        judged = rs
+        if ideal:
+            ideals = [b.loc[s, ideal] for s in seeds]
+            judged = [r / i for r, i in zip(rs, ideals)]
+            row += [f"{np.mean(ideals):.3g}", span(judged, "{:.0%}")]
+        if target is not None:
+            row.append(("met" if np.mean(judged) >= target else "**not met**")
+                       + (f" ({sum(j >= target for j in judged)}/{len(judged)} seeds)" if len(judged) > 1 else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    if len(lines) == 4:
+        lines.append("(no seed has finished runs of both arms)")
+    return lines + [""]
+
+
 # ------------------------------------------------------------------ render
 
 def render_report(study_path: str, *, profile: str | None = None, tracking_uri: str | None = None,
@@ -317,7 +363,9 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
     extra = [m for m in study.resolved.get("report_metrics", []) if m not in [o.metric for o in objectives]]
     metrics = [o.metric for o in objectives] + extra + [m for m in BASE_METRICS
                                                        if m not in extra and m not in [o.metric for o in objectives]]
-    df = finished_table(study, trials, metrics)
+    ratios = study.resolved.get("ratios") or []
+    ratio_metrics = [m for r in ratios for m in (r["metric"], r.get("ideal")) if m and m not in metrics]
+    df = finished_table(study, trials, metrics + list(dict.fromkeys(ratio_metrics)))
     out = Path(out_dir or Path("reports") / study.study_name)
     out.mkdir(parents=True, exist_ok=True)
     axes = list(study.sweep)
@@ -414,6 +462,10 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
           f"- tracking store: {mask_url(uri) if not uri.startswith('sqlite') else 'embedded SQLite'}", ""]
     if claim_lines:
         md += ["## Do the paper's findings hold here?", "", *claim_lines, ""]
+    if ratios:
+        md += ["## Ratios (paired by seed: the same data in both arms)", ""]
+        for r in ratios:
+            md += ratio_section(r, df, axes)
     md += ["## Results by ablation axis", "", *sections,
            "### Per cell", "", cell_md, "",
            "## Plots", "",

@@ -27,7 +27,7 @@ from .tasks.base import Budget, get_task
 
 TOP_KEYS = ("name", "question", "task", "data", "model", "sweep", "exclude", "search", "search_trials",
             "repeats", "seeds", "budget", "objectives", "sampler", "pruner", "device", "profiles",
-            "report_metrics", "claims", "oom_backoff", "notes")
+            "report_metrics", "claims", "ratios", "oom_backoff", "notes")
 REQUIRED = ("name", "question", "task", "data", "model", "objectives")
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "none", "hyperband", "percentile")
@@ -397,6 +397,32 @@ def load_study(path: str | Path, profile: str | None = None, *,
                 raise err(f"claims[{i}].{role}", f"{c[role]!r} is not a value of axis {axis}: {sweep[axis]}")
         if c.get("direction", "minimize") not in DIRECTIONS:
             raise err(f"claims[{i}].direction", f"valid: {', '.join(DIRECTIONS)}")
+
+    ratios = resolved.get("ratios") or []
+    ratio_keys = {"text", "axis", "metric", "value", "baseline", "ideal", "target"}
+    if not isinstance(ratios, list):
+        raise err("ratios", "must be a list of {text, axis, metric, value, baseline, ideal?, target?}")
+    for i, r in enumerate(ratios):
+        if not isinstance(r, dict) or not {"text", "axis", "metric", "value", "baseline"} <= set(r):
+            raise err(f"ratios[{i}]", "must be a mapping with text, axis, metric, value, baseline "
+                      "(and optionally ideal, target)")
+        if set(r) - ratio_keys:
+            raise err(f"ratios[{i}]", f"unknown keys {sorted(set(r) - ratio_keys)}; valid: "
+                      f"{', '.join(sorted(ratio_keys))}")
+        if r["axis"] not in sweep:
+            raise err(f"ratios[{i}].axis", f"{r['axis']!r} is not a sweep axis; valid: {list(sweep)}")
+        for role in ("value", "baseline"):
+            if r[role] not in sweep[r["axis"]]:
+                raise err(f"ratios[{i}].{role}", f"{r[role]!r} is not a value of axis "
+                          f"{r['axis']}: {sweep[r['axis']]}")
+        for role in ("metric", "ideal"):
+            if role in r and not known_metric(str(r[role])):
+                raise err(f"ratios[{i}].{role}", f"{r[role]!r} is not produced; "
+                          f"{did_you_mean(str(r[role]), known)}")
+        t = r.get("target")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t):
+            raise err(f"ratios[{i}].target", f"must be a number > 0 (a fraction of the ideal, or "
+                      f"the ratio itself when there is no ideal), got {t!r}")
 
     # --- sampler, pruner, device
     sampler = resolved.get("sampler") or {"name": "tpe" if search else "grid"}

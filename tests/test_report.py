@@ -14,7 +14,9 @@ def digest(folder):
 @pytest.fixture(scope="module")
 def study(shared_runs):
     p = write_study(shared_runs / "rep.yaml", name="rep", steps=4,
-                    extra="claims:\n  - {text: 'Smaller patches are more accurate', axis: patch_size, best: 2}\n")
+                    extra="claims:\n  - {text: 'Smaller patches are more accurate', axis: patch_size, best: 2}\n"
+                          "ratios:\n  - {text: 'Patch 2 over patch 4', axis: patch_size, "
+                          "metric: train_samples_per_s, value: 2, baseline: 4, target: 0.01}\n")
     assert cli.main(["run", str(p), "--runs-dir", str(shared_runs), "--quiet"]) == 0
     return p
 
@@ -44,3 +46,23 @@ def test_report_of_unknown_study_is_a_clear_error(tmp_path, shared_runs, capsys)
     p = write_study(tmp_path / "never.yaml", name="never_run")
     assert cli.main(["report", str(p), "--runs-dir", str(shared_runs), "--out", str(tmp_path / "o")]) == 2
     assert "no MLflow experiment" in capsys.readouterr().err
+
+
+def test_ratio_section_pairs_the_arms_by_seed(study, shared_runs, tmp_path):
+    """The ratio table's figures are the per-seed ratios of the runs in results.csv."""
+    import numpy as np
+    import pandas as pd
+    out = tmp_path / "r"
+    assert cli.main(["report", str(study), "--runs-dir", str(shared_runs), "--out", str(out)]) == 0
+    md = (out / "README.md").read_text()
+    assert "## Ratios" in md and "**Patch 2 over patch 4**" in md
+    csv = pd.read_csv(out / "results.csv")
+    for pool in ("cls", "mean"):
+        g = csv[csv["pool"] == pool]
+        a = g[g["patch_size"] == 2].set_index("seed")["train_samples_per_s"]
+        b = g[g["patch_size"] == 4].set_index("seed")["train_samples_per_s"]
+        rs = [a[s] / b[s] for s in sorted(a.index)]
+        want = f"| {pool} | {len(rs)} | "
+        row = next(line for line in md.splitlines() if line.startswith(want))
+        assert f"{np.mean(rs):.3g} ({min(rs):.3g}-{max(rs):.3g})" in row, row
+        assert "met" in row and "not met" not in row

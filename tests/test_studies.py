@@ -21,6 +21,18 @@ BAD = {
     "bad direction": ({"objectives": "  - {metric: accuracy, direction: up}"}, "minimize, maximize"),
     "empty sweep list": ({"sweep": "  depth: []"}, "non-empty list"),
     "repeats zero": ({"repeats": 0}, "repeats"),
+    "ratio on an axis not swept": (
+        "ratios:\n  - {text: t, axis: depth, metric: accuracy, value: 1, baseline: 2}\n",
+        "ratios[0].axis"),
+    "ratio arm not on its axis": (
+        "ratios:\n  - {text: t, axis: patch_size, metric: accuracy, value: 8, baseline: 4}\n",
+        "ratios[0].value"),
+    "ratio of an unknown metric": (
+        "ratios:\n  - {text: t, axis: pool, metric: acuracy, value: cls, baseline: mean}\n",
+        "accuracy"),
+    "ratio target not a number": (
+        "ratios:\n  - {text: t, axis: pool, metric: accuracy, value: cls, baseline: mean, "
+        "target: high}\n", "ratios[0].target"),
 }
 
 

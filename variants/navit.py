@@ -60,7 +60,7 @@ class NaViTConfig:
     # figures a NaViT trial reports besides the task's (study objectives may name them)
     METRICS: ClassVar[tuple[str, ...]] = (
         "padding_fraction", "images_per_pack", "real_tokens", "padded_tokens", "dropped_tokens",
-        "gflops_useful_fwd", "gflops_wasted_fwd", "wasted_fraction")
+        "tokens_per_real_token", "gflops_useful_fwd", "gflops_wasted_fwd", "wasted_fraction")
     patch_size: int = 4             # p: an H x W image becomes (H/p) * (W/p) tokens
     hidden_size: int = 64           # width d
     depth: int = 4                  # transformer blocks
@@ -684,7 +684,10 @@ class NaViT(Variant):
         return {"padding_fraction": s["padded"] / (s["real"] + s["padded"]),
                 "images_per_pack": s["images"] / s["rows"],
                 "real_tokens": float(s["real"]), "padded_tokens": float(s["padded"]),
-                "dropped_tokens": float(s["dropped"])}
+                "dropped_tokens": float(s["dropped"]),
+                # tokens computed per real one: for the pad arm, the speedup a perfect
+                # packer would reach if cost were proportional to tokens (the ideal)
+                "tokens_per_real_token": (s["real"] + s["padded"]) / max(s["real"], 1)}
 
     def tags(self) -> dict[str, str]:
         c = self.cfg
