@@ -99,8 +99,10 @@ class Study:
                 if not any(all(c[k] == v for k, v in ex.items()) for ex in self.exclude)]
 
     def grid_points(self) -> list[tuple[str, int]]:
-        """(cell id, seed) pairs, each run search_trials times."""
-        return [(cell_id(c), s) for c in self.cells() for s in self.seeds]
+        """(cell id, seed) pairs, each run search_trials times: one pass over every cell per
+        seed, so an interrupted study has every cell at its first seed, and the arms a
+        report pairs (same seed, neighbouring cells) run minutes, not hours, apart."""
+        return [(cell_id(c), s) for s in self.seeds for c in self.cells()]
 
     def cell_by_id(self) -> dict[str, dict]:
         return {cell_id(c): c for c in self.cells()}
