@@ -78,8 +78,10 @@ def cmd_bench(args) -> int:
 
     overrides = parse_sets(args.set)
     device = resolve_device(args.device)
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        raise ConfigError("--batch-size and --steps must be >= 1, --warmup >= 0")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.ops < 0:
+        raise ConfigError("--batch-size and --steps must be >= 1, --warmup and --ops >= 0")
+    if args.ops and args.flops_only:
+        raise ConfigError("--ops profiles train steps; it cannot go with --flops-only")
     specs = [registry.get(n) for n in args.names]
     cfgs = [s.config(**overrides) for s in specs]  # validate everything before compute
     records = []
@@ -93,7 +95,7 @@ def cmd_bench(args) -> int:
         if not args.flops_only:
             model, _ = registry.build(spec.name, overrides, seed=0)
             opts = SpeedOptions(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
-                                bf16=args.bf16, compile=args.compile)
+                                bf16=args.bf16, compile=args.compile, profile_ops=args.ops)
             rec.update(measure_speed(model, opts, device))
             del model
         rec.update({f"config.{k}": v for k, v in registry.config_dict(cfg).items()})
@@ -114,6 +116,13 @@ def cmd_bench(args) -> int:
             print(f"Speed: device {r['device']}, batch {args.batch_size}, {args.warmup} warm-up + "
                   f"{args.steps} timed steps, median step; train = fwd + bwd + AdamW; "
                   f"peak memory from {r['peak_mem_source']}.")
+        for r in records:
+            if r.get("train_ops"):
+                print(f"\nWhere a {r['name']} train step's time goes (torch.profiler over {args.ops} "
+                      "more steps, self time per op; the profiler itself slows the steps):")
+                print_table([{"op": o["op"][:60], "ms/step": round(o["ms_per_step"], 1),
+                              "share": f"{o['share']:.1%}", "calls/step": round(o["calls_per_step"], 1)}
+                             for o in r["train_ops"]], ["op", "ms/step", "share", "calls/step"])
     return 0
 
 
@@ -199,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bf16", action="store_true", help="bf16 autocast")
     b.add_argument("--compile", action="store_true", help="torch.compile")
     b.add_argument("--flops-only", action="store_true")
+    b.add_argument("--ops", type=int, default=0, metavar="N",
+                   help="then profile N more train steps (torch.profiler) and print where the time goes")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
 

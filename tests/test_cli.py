@@ -60,3 +60,31 @@ def test_bench_measures_throughput(capsys):
     assert rec["train_samples_per_s"] > 0 and rec["infer_samples_per_s"] > 0
     assert rec["train_step_ms_min"] <= rec["train_step_ms_median"] <= rec["train_step_ms_max"]
     assert rec["config.depth"] == 1
+
+
+def test_bench_ops_prints_where_a_train_step_goes(capsys):
+    args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
+            "--steps", "1", "--warmup", "1", "--ops", "2"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Where a dit-s/8 train step's time goes" in out
+    table = out.split("train step's time goes")[1]
+    assert "scaled_dot_product" in table or "linear" in table  # the model's own kernels
+    assert "%" in table
+    assert cli.main(["bench", "dit-s/8", "--ops", "-1"]) == 2
+    assert cli.main(["bench", "dit-s/8", "--ops", "2", "--flops-only"]) == 2
+    assert "--flops-only" in capsys.readouterr().err
+
+
+def test_op_profile_shares_add_up():
+    import torch
+
+    from harness.metrics.speed import op_profile
+    w = torch.randn(64, 64, requires_grad=True)
+
+    def step():
+        (torch.randn(32, 64) @ w).relu().sum().backward()
+    rows = op_profile(step, torch.device("cpu"), steps=3, top=100)
+    assert rows and all(r["ms_per_step"] > 0 for r in rows)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=1e-6)
+    assert any(r["op"] == "aten::mm" and r["calls_per_step"] >= 1 for r in rows)

@@ -36,6 +36,7 @@ class SpeedOptions:
     train: bool = True       # time forward + backward + AdamW step
     infer: bool = True       # time forward under inference_mode
     seed: int = 0
+    profile_ops: int = 0     # then this many more train steps under torch.profiler (0: none)
 
 
 def sync(device: torch.device) -> None:
@@ -127,6 +128,28 @@ def time_and_memory(step, device: torch.device, warmup: int, steps: int) -> tupl
     return times, mem
 
 
+def op_profile(step, device: torch.device, steps: int, top: int = 15) -> list[dict]:
+    """Where a step's time goes: self time per op (torch.profiler) over ``steps`` more steps,
+    the ``top`` largest, each with its share of the summed self time (about the step's wall
+    time: an op's OpenMP workers run while it waits).  Untimed: the profiler slows steps."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+
+    def self_us(e) -> float:
+        if device.type == "cuda":
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    return [{"op": e.key, "ms_per_step": self_us(e) / 1e3 / steps, "share": self_us(e) / total,
+             "calls_per_step": e.count / steps}
+            for e in sorted(events, key=self_us, reverse=True)[:top]]
+
+
 def summarise(prefix: str, times: list[float], batch_size: int, tokens_per_sample: int) -> dict:
     med = statistics.median(times)
     return {
@@ -206,6 +229,8 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         out.update(summarise("train", times, opts.batch_size, model.tokens_per_sample()))
         out["train_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)
+        if opts.profile_ops:
+            out["train_ops"] = op_profile(train_step, device, opts.profile_ops)
         del optim
     if opts.infer:
         model.eval()
