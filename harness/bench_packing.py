@@ -23,14 +23,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .metrics import cpu_malloc
-from .metrics.speed import sync
+from .metrics.speed import alternate
 
 
 def make_batch(n: int, in_channels: int, min_size: int, max_size: int, step: int, skew: float,
@@ -76,18 +75,7 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
                 with torch.inference_mode():
                     model(images)
         steps_fn[name] = step
-    for step in steps_fn.values():
-        for _ in range(warmup):
-            step()
-    sync(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(steps):
-        for name, step in steps_fn.items():
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
+    return alternate(steps_fn, device, warmup, rounds=steps)
 
 
 def run(args: argparse.Namespace) -> dict:

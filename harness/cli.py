@@ -84,6 +84,8 @@ def cmd_bench(args) -> int:
         raise ConfigError("--ops profiles train steps; it cannot go with --flops-only")
     specs = [registry.get(n) for n in args.names]
     cfgs = [s.config(**overrides) for s in specs]  # validate everything before compute
+    if args.alternate:
+        return bench_alternate(args, specs, overrides, device)
     records = []
     for spec, cfg in zip(specs, cfgs):
         rec = {"name": spec.name, "family": spec.family}
@@ -124,6 +126,76 @@ def cmd_bench(args) -> int:
                               "share": f"{o['share']:.1%}", "calls/step": round(o["calls_per_step"], 1)}
                              for o in r["train_ops"]], ["op", "ms/step", "share", "calls/step"])
     return 0
+
+
+ARMS = {"eager": "the model as built (fp32, hand-fused CPU kernels on)",
+        "compile": "torch.compile(model)",
+        "bf16": "bf16 autocast",
+        "unfused": "eager with the hand-fused CPU kernels off (HARNESS_CPU_FUSED=0 for this arm)"}
+
+
+def parse_arms(text: str) -> list[str]:
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or len(arms) < 2 or len(set(arms)) != len(arms):
+        raise ConfigError(f"--alternate {text!r}: give two or more distinct arms, comma-separated, "
+                          f"from: {', '.join(ARMS)}" + (f" (unknown: {', '.join(bad)})" if bad else ""))
+    return arms
+
+
+def bench_alternate(args, specs, overrides: dict, device) -> int:
+    """Train steps of one model in several arms, alternated in rounds in one process."""
+    import statistics
+
+    import torch
+
+    from . import registry
+    from .metrics.speed import adamw, alternate, make_train_step
+    arms = parse_arms(args.alternate)
+    device = torch.device(device)
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    per_round = max(1, -(-args.steps // args.rounds))
+    for spec in specs:
+        model, _ = registry.build(spec.name, overrides, seed=0, device=device)
+        model.train()
+        inputs = model.example_inputs(args.batch_size, device=device,
+                                      generator=torch.Generator().manual_seed(0))
+        optim = adamw(model.parameters(), device)
+        steps = {}
+        for arm in arms:
+            run = torch.compile(model) if arm == "compile" else model
+            step = make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16")
+            if arm == "unfused":
+                step = _unfused(step)
+            steps[arm] = step
+        times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True)
+        base = statistics.median(times[arms[0]])
+        print(f"{spec.name}: train steps (fwd + bwd + AdamW), batch {args.batch_size} on "
+              f"{device}, {args.warmup} warm-up steps per arm, then {args.rounds} rounds x "
+              f"{per_round} timed steps per arm, arms alternated (one untimed step opens each turn)")
+        rows = [{"arm": arm, "what": ARMS[arm],
+                 "ms/step median": round(statistics.median(t) * 1e3, 1),
+                 "min": round(min(t) * 1e3, 1), "max": round(max(t) * 1e3, 1),
+                 "samples/s": round(args.batch_size / statistics.median(t), 2),
+                 f"speed vs {arms[0]}": f"{base / statistics.median(t):.3f}x"}
+                for arm, t in times.items()]
+        print_table(rows, list(rows[0]))
+        del model, optim, steps
+    return 0
+
+
+def _unfused(step):
+    """The step with the hand-fused CPU kernels off while it runs."""
+    import variants.common as common
+
+    def run():
+        saved, common.CPU_FUSED = common.CPU_FUSED, False
+        try:
+            step()
+        finally:
+            common.CPU_FUSED = saved
+    return run
 
 
 # ------------------------------------------------------------------- studies
@@ -210,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--flops-only", action="store_true")
     b.add_argument("--ops", type=int, default=0, metavar="N",
                    help="then profile N more train steps (torch.profiler) and print where the time goes")
+    b.add_argument("--alternate", metavar="ARMS", default=None,
+                   help="time train steps of each arm in alternating rounds, one process: "
+                        "two or more of " + ", ".join(ARMS) + " (e.g. eager,compile)")
+    b.add_argument("--rounds", type=int, default=4, help="--alternate: rounds (--steps split over them)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
 

@@ -88,3 +88,28 @@ def test_op_profile_shares_add_up():
     assert rows and all(r["ms_per_step"] > 0 for r in rows)
     assert sum(r["share"] for r in rows) == pytest.approx(1.0, abs=1e-6)
     assert any(r["op"] == "aten::mm" and r["calls_per_step"] >= 1 for r in rows)
+
+
+def test_bench_alternate_times_each_arm_in_rounds(capsys):
+    args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
+            "--steps", "2", "--rounds", "2", "--warmup", "1", "--alternate", "eager,unfused"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 rounds x 1 timed steps per arm" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith(("eager ", "unfused "))]
+    assert len(lines) == 2 and "1.000x" in lines[0]
+    assert cli.main(["bench", "dit-s/8", "--alternate", "eager"]) == 2
+    assert cli.main(["bench", "dit-s/8", "--alternate", "eager,turbo"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown: turbo" in err and "compile" in err
+
+
+def test_alternate_takes_the_arms_in_turn():
+    import torch
+
+    from harness.metrics.speed import alternate
+    calls = []
+    times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                      torch.device("cpu"), warmup=1, rounds=2, per_round=2, rewarm=True)
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}

@@ -172,3 +172,15 @@ def test_cpu_speed_records_malloc_mode_and_memory_from_an_extra_step():
         # a train step holds at least the (4, 512, 1024) fp32 hidden activation (8 MiB)
         assert r["train_peak_mem_mb"] >= 8
     assert r["train_samples_per_s"] > 0 and r["infer_samples_per_s"] > 0
+
+
+def test_hand_fused_kernels_can_be_switched_off():
+    code = ("import torch, variants.common as c; from variants.dit import norm_modulate; "
+            "n = torch.nn.LayerNorm(4, elementwise_affine=False); x = torch.randn(2, 3, 4, requires_grad=True); "
+            "print(c.CPU_FUSED, type(norm_modulate(n, x, torch.zeros(2, 4), torch.zeros(2, 4)).grad_fn).__name__)")
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_CPU_FUSED"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "HARNESS_CPU_FUSED": "0"},
+                         capture_output=True, text=True, check=True)
+    assert on.stdout.split() == ["True", "_NormModulateBackward"]
+    assert off.stdout.split()[0] == "False" and off.stdout.split()[1] != "_NormModulateBackward"

@@ -113,7 +113,7 @@ class _NormModulate(torch.autograd.Function):
         x, mean, rstd, weight, shift = ctx.saved_tensors
         g = g.contiguous()
         gx, gscale, gshift = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
-        for n in range(x.shape[0]):  # writes straight into the per-sample slices
+        for n in range(x.shape[0]):  # each sample's gradients land in its slice: no stacking
             torch.ops.aten.native_layer_norm_backward.out(
                 g[n], x[n], (x.shape[-1],), mean[n], rstd[n], weight[n], shift[n],
                 [True, True, True], out0=gx[n], out1=gscale[n], out2=gshift[n])

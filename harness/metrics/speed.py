@@ -108,6 +108,30 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
     return times
 
 
+def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_round: int = 1,
+              rewarm: bool = False) -> dict[str, list[float]]:
+    """Seconds per step of each arm (name -> step function), timed in ``rounds`` that take
+    the arms in turn, ``per_round`` timed steps each, so a slow minute on a shared machine
+    hits every arm alike.  ``rewarm``: one untimed step opens each turn (the caches the
+    previous arm left are not this arm's)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if rewarm:
+                step()
+                sync(device)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def time_and_memory(step, device: torch.device, warmup: int, steps: int) -> tuple[list[float], dict]:
     """Timed steps, and the peak memory of a step.  On CPU the memory sampler (a thread
     reading malloc's counters every millisecond) would slow the steps it watches (~7% on 2
@@ -189,6 +213,18 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def make_train_step(model: nn.Module, run, inputs: tuple, optim, device: torch.device, bf16: bool):
+    """One train step: forward through ``run`` (the model, or its compiled form), the
+    model's ``bench_loss``, backward, optimiser step."""
+    def train_step():
+        optim.zero_grad(set_to_none=True)
+        with autocast(device, bf16):
+            loss = model.bench_loss(run(*inputs))
+        loss.backward()
+        optim.step()
+    return train_step
+
+
 def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
                   device: str | torch.device = "cpu", inputs: tuple | None = None) -> dict:
     """Flat dict of train_* and infer_* timings plus peak memory, for one variant.
@@ -217,14 +253,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
     if opts.train:
         model.train()
         optim = adamw(model.parameters(), device)
-
-        def train_step():
-            optim.zero_grad(set_to_none=True)
-            with autocast(device, opts.bf16):
-                loss = model.bench_loss(run(*inputs))
-            loss.backward()
-            optim.step()
-
+        train_step = make_train_step(model, run, inputs, optim, device, opts.bf16)
         times, mem = time_and_memory(train_step, device, opts.warmup, opts.steps)
         out.update(summarise("train", times, opts.batch_size, model.tokens_per_sample()))
         out["train_peak_mem_mb"] = mem["peak_mem_mb"]
