@@ -128,10 +128,9 @@ def cmd_bench(args) -> int:
     return 0
 
 
-ARMS = {"eager": "the model as built (fp32, hand-fused CPU kernels on)",
+ARMS = {"eager": "the model as built (fp32)",
         "compile": "torch.compile(model)",
-        "bf16": "bf16 autocast",
-        "unfused": "eager with the hand-fused CPU kernels off (HARNESS_CPU_FUSED=0 for this arm)"}
+        "bf16": "bf16 autocast"}
 
 
 def parse_arms(text: str) -> list[str]:
@@ -165,10 +164,7 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
         steps = {}
         for arm in arms:
             run = torch.compile(model) if arm == "compile" else model
-            step = make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16")
-            if arm == "unfused":
-                step = _unfused(step)
-            steps[arm] = step
+            steps[arm] = make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16")
         times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True)
         base = statistics.median(times[arms[0]])
         print(f"{spec.name}: train steps (fwd + bwd + AdamW), batch {args.batch_size} on "
@@ -183,19 +179,6 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
         print_table(rows, list(rows[0]))
         del model, optim, steps
     return 0
-
-
-def _unfused(step):
-    """The step with the hand-fused CPU kernels off while it runs."""
-    import variants.common as common
-
-    def run():
-        saved, common.CPU_FUSED = common.CPU_FUSED, False
-        try:
-            step()
-        finally:
-            common.CPU_FUSED = saved
-    return run
 
 
 # ------------------------------------------------------------------- studies

@@ -92,11 +92,11 @@ def test_op_profile_shares_add_up():
 
 def test_bench_alternate_times_each_arm_in_rounds(capsys):
     args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
-            "--steps", "2", "--rounds", "2", "--warmup", "1", "--alternate", "eager,unfused"]
+            "--steps", "2", "--rounds", "2", "--warmup", "1", "--alternate", "eager,bf16"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "2 rounds x 1 timed steps per arm" in out
-    lines = [ln for ln in out.splitlines() if ln.startswith(("eager ", "unfused "))]
+    lines = [ln for ln in out.splitlines() if ln.startswith(("eager ", "bf16 "))]
     assert len(lines) == 2 and "1.000x" in lines[0]
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager"]) == 2
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager,turbo"]) == 2

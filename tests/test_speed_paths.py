@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from harness.metrics import cpu_malloc
 from harness.metrics.speed import SpeedOptions, measure_speed
 from variants import common
-from variants.dit import gated, modulate, norm_modulate
+from variants.dit import gated, modulate
 
 
 @pytest.mark.parametrize("k,n", [(24, 72), (72, 24), (32, 32)])  # both weight-grad branches
@@ -65,74 +65,6 @@ def test_dit_fused_adaln_ops_equal_the_papers_formulas():
     torch.testing.assert_close(gated(x, gate, y), x + gate.unsqueeze(1) * y)
 
 
-def _grads(out, inputs, g):
-    return torch.autograd.grad(out, inputs, g)
-
-
-def test_dit_hand_fused_adaln_backward_equals_autograd_of_the_formula():
-    """norm_modulate / gated take hand-written CPU kernels in fp32 training; values and
-    every gradient must equal autograd of the plain formulas."""
-    torch.manual_seed(0)
-    norm = torch.nn.LayerNorm(8, elementwise_affine=False, eps=1e-6)
-    x = torch.randn(3, 5, 8, requires_grad=True)
-    y = torch.randn(3, 5, 8, requires_grad=True)
-    mod = torch.randn(3, 24, requires_grad=True)  # like adaLN_modulation(c): chunks are views
-    shift, scale, gate = mod.chunk(3, dim=1)
-    g = torch.randn(3, 5, 8)
-
-    out = norm_modulate(norm, x, shift, scale)
-    assert type(out.grad_fn).__name__ == "_NormModulateBackward"  # the fused path ran
-    ref = modulate(norm(x), shift, scale)
-    assert type(ref.grad_fn).__name__ != "_NormModulateBackward"
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(_grads(out, [x, mod], g), _grads(ref, [x, mod], g)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-    out = gated(x, gate, y)
-    assert type(out.grad_fn).__name__ == "_GatedBackward"
-    ref = x + gate.unsqueeze(1) * y
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(_grads(out, [x, mod, y], g), _grads(ref, [x, mod, y], g)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_dit_hand_fused_adaln_only_in_eager_fp32_cpu_training():
-    norm = torch.nn.LayerNorm(8, elementwise_affine=False, eps=1e-6)
-    x, shift, scale = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 8), torch.randn(2, 8)
-    with torch.no_grad():
-        assert norm_modulate(norm, x, shift, scale).grad_fn is None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert type(norm_modulate(norm, x, shift, scale).grad_fn).__name__ != "_NormModulateBackward"
-        assert type(gated(x, shift, x).grad_fn).__name__ != "_GatedBackward"
-    xd = x.detach().double().requires_grad_()
-    assert type(norm_modulate(norm, xd, shift.double(), scale.double()).grad_fn).__name__ \
-        != "_NormModulateBackward"
-
-
-def test_dit_train_gradients_same_with_and_without_the_fused_kernels(monkeypatch):
-    """A whole adaLN-Zero DiT (non-zero init so every gate passes gradient): the fused
-    eager kernels change no parameter gradient."""
-    import variants.dit as dit
-    from harness.registry import build
-    torch.manual_seed(0)
-    model, _ = build("dit-s/2", {"depth": 2, "input_size": 8, "num_classes": 10})
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(std=0.05)
-    inputs = model.example_inputs(2, generator=torch.Generator().manual_seed(0))
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def grads():
-        torch.manual_seed(1)  # label dropout draws
-        return torch.autograd.grad(model(*inputs).square().mean(), params)
-    fused = grads()
-    monkeypatch.setattr(dit, "eager_cpu_fp32", lambda *t: False)
-    plain = grads()
-    for a, b in zip(fused, plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
 def test_malloc_counter_sees_a_live_tensor():
     before = cpu_malloc.in_use_bytes()
     if before is None:
@@ -172,15 +104,3 @@ def test_cpu_speed_records_malloc_mode_and_memory_from_an_extra_step():
         # a train step holds at least the (4, 512, 1024) fp32 hidden activation (8 MiB)
         assert r["train_peak_mem_mb"] >= 8
     assert r["train_samples_per_s"] > 0 and r["infer_samples_per_s"] > 0
-
-
-def test_hand_fused_kernels_can_be_switched_off():
-    code = ("import torch, variants.common as c; from variants.dit import norm_modulate; "
-            "n = torch.nn.LayerNorm(4, elementwise_affine=False); x = torch.randn(2, 3, 4, requires_grad=True); "
-            "print(c.CPU_FUSED, type(norm_modulate(n, x, torch.zeros(2, 4), torch.zeros(2, 4)).grad_fn).__name__)")
-    env = {k: v for k, v in os.environ.items() if k != "HARNESS_CPU_FUSED"}
-    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    off = subprocess.run([sys.executable, "-c", code], env={**env, "HARNESS_CPU_FUSED": "0"},
-                         capture_output=True, text=True, check=True)
-    assert on.stdout.split() == ["True", "_NormModulateBackward"]
-    assert off.stdout.split()[0] == "False" and off.stdout.split()[1] != "_NormModulateBackward"

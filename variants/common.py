@@ -17,7 +17,6 @@ CUDA and other dtypes take ``F.linear`` unchanged.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -106,20 +105,6 @@ def _compile_op():
 
 
 _ONEDNN_OP = _compile_op()
-
-
-# HARNESS_CPU_FUSED=0: every hand-fused CPU kernel off (the plain formulas everywhere), to
-# measure what they buy or rule them out; read once at import, like CPU_LINEAR
-CPU_FUSED = os.environ.get("HARNESS_CPU_FUSED", "1") != "0"
-
-
-def eager_cpu_fp32(*tensors: torch.Tensor) -> bool:
-    """True where a hand-fused CPU kernel may replace the plain formula: every tensor fp32
-    on CPU, eager (not traced for FLOP counting, scripted or compiled: inductor fuses the
-    plain formula itself), no autocast, and not switched off by HARNESS_CPU_FUSED=0."""
-    return (CPU_FUSED and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-            and not torch.compiler.is_compiling() and not _cpu_autocast())
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -16,13 +16,11 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from harness.errors import ConfigError
 from harness.registry import Variant, register
 
-from .common import (Attention, CrossAttention, Mlp, eager_cpu_fp32, sincos_2d, tanh_gelu,
-                     timestep_embedding)
+from .common import Attention, CrossAttention, Mlp, sincos_2d, tanh_gelu, timestep_embedding
 
 Conditioning = Literal["in_context", "cross_attention", "adaln", "adaln_zero"]
 
@@ -70,69 +68,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """adaLN-Zero's gated residual x + gate * y, gate per sample.
-
-    Eager fp32 CPU: one ``addcmul`` pass forward and a hand-written backward (``_Gated``);
-    autograd's own ``addcmul`` backward measured 1.3x slower than that of ``x + gate * y``
-    (3.8x under bf16 autocast), so everywhere else it is the plain formula."""
-    if eager_cpu_fp32(x, gate, y) and torch.is_grad_enabled():
-        return _Gated.apply(x, gate, y)
+    """adaLN-Zero's gated residual x + gate * y, gate per sample.  Not an ``addcmul``: its
+    backward (the gate's gradient reduced over tokens) measured 1.3x slower in fp32 and 3.8x
+    under bf16 autocast (mixed dtypes) on DiT-S/2 shapes."""
     return x + gate.unsqueeze(1) * y
-
-
-def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
-                  scale: torch.Tensor) -> torch.Tensor:
-    """``modulate(norm(x), shift, scale)`` for a LayerNorm without affine parameters.
-
-    Eager fp32 CPU training: ``_NormModulate``, whose backward is one fused pass per
-    sample instead of autograd's five.  Everywhere else (GPU, autocast, compile, FLOP
-    counting, inference): the plain two-step formula."""
-    if (eager_cpu_fp32(x, shift, scale) and torch.is_grad_enabled() and x.dim() == 3
-            and norm.weight is None and norm.normalized_shape == (x.shape[-1],)):
-        return _NormModulate.apply(x, shift, scale, norm.eps)
-    return modulate(norm(x), shift, scale)
-
-
-class _NormModulate(torch.autograd.Function):
-    """LayerNorm(x) * (1 + scale) + shift is a LayerNorm whose affine weight (1 + scale)
-    and bias (shift) differ per sample.  Backward: torch's own LayerNorm backward, once per
-    sample with that sample's weight, gives the input, scale and shift gradients in one
-    pass (autograd of the two-step formula: LayerNorm backward, two products, two sums)."""
-
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps: float):
-        x = x.contiguous()
-        xn, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)  # (N, T, D)
-        weight = 1 + scale  # (N, D)
-        ctx.save_for_backward(x, mean, rstd, weight, shift)
-        return torch.addcmul(shift.unsqueeze(1), xn, weight.unsqueeze(1))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        x, mean, rstd, weight, shift = ctx.saved_tensors
-        g = g.contiguous()
-        gx, gscale, gshift = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
-        for n in range(x.shape[0]):  # each sample's gradients land in its slice: no stacking
-            torch.ops.aten.native_layer_norm_backward.out(
-                g[n], x[n], (x.shape[-1],), mean[n], rstd[n], weight[n], shift[n],
-                [True, True, True], out0=gx[n], out1=gscale[n], out2=gshift[n])
-        return gx, gshift, gscale, None
-
-
-class _Gated(torch.autograd.Function):
-    """x + gate * y: one addcmul forward; backward dx = g, dy = g * gate, dgate = sum_t g * y."""
-
-    @staticmethod
-    def forward(ctx, x, gate, y):
-        ctx.save_for_backward(gate, y)
-        return torch.addcmul(x, gate.unsqueeze(1), y)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        gate, y = ctx.saved_tensors
-        return g, (g * y).sum(1), g * gate.unsqueeze(1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -198,12 +137,12 @@ class DiTBlock(nn.Module):
         # x: (N, T, D) tokens; c: (N, D) = t_emb + y_emb; context: (N, 2, D) = [t_emb, y_emb]
         if self.conditioning == "adaln_zero":
             sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = gated(x, g_a, self.attn(norm_modulate(self.norm1, x, sh_a, sc_a)))
-            return gated(x, g_m, self.mlp(norm_modulate(self.norm2, x, sh_m, sc_m)))
+            x = gated(x, g_a, self.attn(modulate(self.norm1(x), sh_a, sc_a)))
+            return gated(x, g_m, self.mlp(modulate(self.norm2(x), sh_m, sc_m)))
         if self.conditioning == "adaln":
             sh_a, sc_a, sh_m, sc_m = self.adaLN_modulation(c).chunk(4, dim=1)
-            x = x + self.attn(norm_modulate(self.norm1, x, sh_a, sc_a))
-            return x + self.mlp(norm_modulate(self.norm2, x, sh_m, sc_m))
+            x = x + self.attn(modulate(self.norm1(x), sh_a, sc_a))
+            return x + self.mlp(modulate(self.norm2(x), sh_m, sc_m))
         x = x + self.attn(self.norm1(x))
         if self.conditioning == "cross_attention":
             x = x + self.cross_attn(self.norm_cross(x), context)  # queries: tokens, keys: 2 cond tokens
@@ -224,7 +163,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.adaptive:
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-            return self.linear(norm_modulate(self.norm_final, x, shift, scale))
+            return self.linear(modulate(self.norm_final(x), shift, scale))
         return self.linear(self.norm_final(x))  # (N, T, p*p*C_out)
 
 
