@@ -154,7 +154,10 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
     device = torch.device(device)
     if args.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.flops_only or args.ops:
+        raise ConfigError("--alternate times train steps; it cannot go with --flops-only or --ops")
     per_round = max(1, -(-args.steps // args.rounds))
+    records = []
     for spec in specs:
         model, _ = registry.build(spec.name, overrides, seed=0, device=device)
         model.train()
@@ -167,6 +170,17 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
             steps[arm] = make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16")
         times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True)
         base = statistics.median(times[arms[0]])
+        records.append({"name": spec.name, "device": str(device), "batch_size": args.batch_size,
+                        "warmup_steps": args.warmup, "rounds": args.rounds,
+                        "timed_steps_per_round": per_round,
+                        "arms": {arm: {"step_ms_median": statistics.median(t) * 1e3,
+                                       "step_ms_min": min(t) * 1e3, "step_ms_max": max(t) * 1e3,
+                                       "samples_per_s": args.batch_size / statistics.median(t),
+                                       f"speed_vs_{arms[0]}": base / statistics.median(t)}
+                                 for arm, t in times.items()}})
+        del model, optim, steps
+        if args.json:
+            continue
         print(f"{spec.name}: train steps (fwd + bwd + AdamW), batch {args.batch_size} on "
               f"{device}, {args.warmup} warm-up steps per arm, then {args.rounds} rounds x "
               f"{per_round} timed steps per arm, arms alternated (one untimed step opens each turn)")
@@ -177,7 +191,8 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
                  f"speed vs {arms[0]}": f"{base / statistics.median(t):.3f}x"}
                 for arm, t in times.items()]
         print_table(rows, list(rows[0]))
-        del model, optim, steps
+    if args.json:
+        print(json.dumps(records, indent=1))
     return 0
 
 

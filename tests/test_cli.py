@@ -98,6 +98,10 @@ def test_bench_alternate_times_each_arm_in_rounds(capsys):
     assert "2 rounds x 1 timed steps per arm" in out
     lines = [ln for ln in out.splitlines() if ln.startswith(("eager ", "bf16 "))]
     assert len(lines) == 2 and "1.000x" in lines[0]
+    assert cli.main(args + ["--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)[0]
+    assert set(rec["arms"]) == {"eager", "bf16"} and rec["arms"]["eager"]["speed_vs_eager"] == 1.0
+    assert cli.main(["bench", "dit-s/8", "--alternate", "eager,bf16", "--ops", "2"]) == 2
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager"]) == 2
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager,turbo"]) == 2
     err = capsys.readouterr().err
