@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
             model(images)
         stats[name] = model.extra_metrics()
     real = stats["pad"]["real_tokens"]
-    ideal = (real + stats["pad"]["padded_tokens"]) / real
+    ideal = stats["pad"]["tokens_per_real_token"]  # (real + padded tokens of pad) / real
     out = {"bench": "packing", "variant": args.variant, "device": str(device),
            "batch_size": args.batch_size, "skew": args.skew, "min_size": args.min_size,
            "max_size": args.max_size, "patch_size": args.patch_size,

@@ -42,7 +42,7 @@ from torch import nn
 
 from .metrics import cpu_malloc
 from .metrics.peak import OtherLoad
-from .metrics.speed import adamw, sync
+from .metrics.speed import adamw, alternate
 
 PEER = "vit-pytorch"
 
@@ -235,19 +235,7 @@ def race(arms: dict[str, nn.Module], inputs: tuple, labels: torch.Tensor, train:
          warmup: int, rounds: int, device: torch.device) -> dict[str, list[float]]:
     """Seconds per step of each arm; every round runs each arm once, in alternating order."""
     steps = {name: make_step(m, inputs, labels, train) for name, m in arms.items()}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    sync(device)
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    names = list(arms)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            steps[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
+    return alternate(steps, device, warmup, rounds, abba=True)
 
 
 def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch: int,

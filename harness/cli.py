@@ -170,27 +170,27 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
             steps[arm] = make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16")
         times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True)
         base = statistics.median(times[arms[0]])
-        records.append({"name": spec.name, "device": str(device), "batch_size": args.batch_size,
-                        "warmup_steps": args.warmup, "rounds": args.rounds,
-                        "timed_steps_per_round": per_round,
-                        "arms": {arm: {"step_ms_median": statistics.median(t) * 1e3,
-                                       "step_ms_min": min(t) * 1e3, "step_ms_max": max(t) * 1e3,
-                                       "samples_per_s": args.batch_size / statistics.median(t),
-                                       f"speed_vs_{arms[0]}": base / statistics.median(t)}
-                                 for arm, t in times.items()}})
+        rec = {"name": spec.name, "device": str(device), "batch_size": args.batch_size,
+               "warmup_steps": args.warmup, "rounds": args.rounds,
+               "timed_steps_per_round": per_round,
+               "arms": {arm: {"step_ms_median": statistics.median(t) * 1e3,
+                              "step_ms_min": min(t) * 1e3, "step_ms_max": max(t) * 1e3,
+                              "samples_per_s": args.batch_size / statistics.median(t),
+                              f"speed_vs_{arms[0]}": base / statistics.median(t)}
+                        for arm, t in times.items()}}
+        records.append(rec)
         del model, optim, steps
         if args.json:
             continue
         print(f"{spec.name}: train steps (fwd + bwd + AdamW), batch {args.batch_size} on "
               f"{device}, {args.warmup} warm-up steps per arm, then {args.rounds} rounds x "
               f"{per_round} timed steps per arm, arms alternated (one untimed step opens each turn)")
-        rows = [{"arm": arm, "what": ARMS[arm],
-                 "ms/step median": round(statistics.median(t) * 1e3, 1),
-                 "min": round(min(t) * 1e3, 1), "max": round(max(t) * 1e3, 1),
-                 "samples/s": round(args.batch_size / statistics.median(t), 2),
-                 f"speed vs {arms[0]}": f"{base / statistics.median(t):.3f}x"}
-                for arm, t in times.items()]
-        print_table(rows, list(rows[0]))
+        print_table([{"arm": arm, "what": ARMS[arm], "ms/step median": round(a["step_ms_median"], 1),
+                      "min": round(a["step_ms_min"], 1), "max": round(a["step_ms_max"], 1),
+                      "samples/s": round(a["samples_per_s"], 2),
+                      f"speed vs {arms[0]}": f"{a[f'speed_vs_{arms[0]}']:.3f}x"}
+                     for arm, a in rec["arms"].items()],
+                    ["arm", "what", "ms/step median", "min", "max", "samples/s", f"speed vs {arms[0]}"])
     if args.json:
         print(json.dumps(records, indent=1))
     return 0

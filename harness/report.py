@@ -307,14 +307,13 @@ def ratio_section(ratio: dict, df: pd.DataFrame, axes: list[str]) -> list[str]:
     metric of the baseline's runs, e.g. pad's tokens per real token) where the study names one."""
     axis, m, ideal, target = ratio["axis"], ratio["metric"], ratio.get("ideal"), ratio.get("target")
     others = [a for a in axes if a != axis]
-    head = ["" if not others else " | ".join(others) + " | ", "seeds | ", f"{ratio['value']} `{m}` | ",
-            f"{ratio['baseline']} `{m}` | ", "ratio (min-max) | "]
+    head = [*others, "seeds", f"{ratio['value']} `{m}`", f"{ratio['baseline']} `{m}`",
+            "ratio (min-max)"]
     if ideal:
-        head += [f"ideal (`{ideal}` of {ratio['baseline']}) | ", "of ideal (min-max) | "]
+        head += [f"ideal (`{ideal}` of {ratio['baseline']})", "of ideal (min-max)"]
     if target is not None:
-        head.append(f"target: {f'{target:.0%} of ideal' if ideal else f'{target:g}'} | ")
-    lines = [f"**{ratio['text']}**", "", "| " + "".join(head).rstrip(" "),
-             "|" + "---|" * len(head)]
+        head.append(f"target: {f'{target:.0%} of ideal' if ideal else f'{target:g}'}")
+    lines = [f"**{ratio['text']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups = df.groupby(others, sort=False) if others else [((), df)]
 
     def span(xs, f="{:.3g}"):

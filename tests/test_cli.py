@@ -117,3 +117,13 @@ def test_alternate_takes_the_arms_in_turn():
                       torch.device("cpu"), warmup=1, rounds=2, per_round=2, rewarm=True)
     assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
+
+
+def test_alternate_abba_reverses_every_other_round():
+    import torch
+
+    from harness.metrics.speed import alternate
+    calls = []
+    alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+              torch.device("cpu"), warmup=0, rounds=3, abba=True)
+    assert calls == ["a", "b", "b", "a", "a", "b"]

@@ -74,21 +74,20 @@ def mode() -> str:
     return _state["mode"] or "system"
 
 
-_MALLINFO2 = None
+@functools.lru_cache(maxsize=1)
+def _mallinfo2():
+    libc = _libc()
+    fn = getattr(libc, "mallinfo2", None) if libc is not None else None  # glibc >= 2.33
+    if fn is not None:
+        fn.restype, fn.argtypes = _Mallinfo2, []
+    return fn
 
 
 def in_use_bytes() -> int | None:
     """Bytes malloc has handed out and not yet freed (heap + mmapped blocks, all arenas);
     None without glibc >= 2.33."""
-    global _MALLINFO2
-    if _MALLINFO2 is None:
-        libc = _libc()
-        fn = getattr(libc, "mallinfo2", None) if libc is not None else None
-        if fn is not None:
-            fn.restype = _Mallinfo2
-            fn.argtypes = []
-        _MALLINFO2 = fn or False
-    if not _MALLINFO2:
+    fn = _mallinfo2()
+    if fn is None:
         return None
-    m = _MALLINFO2()
+    m = fn()
     return int(m.uordblks + m.hblkhd)

@@ -96,31 +96,24 @@ def peak_memory(device: torch.device):
 
 def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
     """Run ``step()`` warmup + steps times; seconds of each timed step."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    return alternate({"step": step}, device, warmup, rounds=1, per_round=steps)["step"]
 
 
 def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_round: int = 1,
-              rewarm: bool = False) -> dict[str, list[float]]:
+              rewarm: bool = False, abba: bool = False) -> dict[str, list[float]]:
     """Seconds per step of each arm (name -> step function), timed in ``rounds`` that take
     the arms in turn, ``per_round`` timed steps each, so a slow minute on a shared machine
     hits every arm alike.  ``rewarm``: one untimed step opens each turn (the caches the
-    previous arm left are not this arm's)."""
+    previous arm left are not this arm's).  ``abba``: every other round in reverse order."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    names = list(steps)
+    for r in range(rounds):
+        for name in (names[::-1] if abba and r % 2 else names):
+            step = steps[name]
             if rewarm:
                 step()
                 sync(device)
