@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import cpu_malloc
+from .metrics import cpu_malloc, cpu_matmul
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate
 
@@ -278,13 +278,12 @@ def hardware() -> dict:
 
 
 def run_peer(args) -> dict:
-    import variants.common as common
     device = torch.device(args.device)
     malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.linear != "auto":
-        common.CPU_LINEAR = args.linear
+        cpu_matmul.set_path(args.linear)
     load_before = os.getloadavg()
     rows = []
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -317,7 +316,7 @@ def run_peer(args) -> dict:
             raise ConfigError(f"--models: unknown {m!r}; valid: m2, m3, navit")
     return {"bench": "peer", "peer": PEER, "peer_version": peer_version(), "device": str(device),
             "rounds": args.rounds, "warmup": args.warmup, "load_avg_before": load_before,
-            "ours_cpu_linear": common.CPU_LINEAR, "malloc": malloc,
+            "ours_cpu_linear": cpu_matmul.path(), "malloc": malloc,
             "load_avg_after": os.getloadavg(), "hardware": hardware(), "rows": rows,
             "command": "python -m harness.bench_peer " + " ".join(args.argv)}
 
@@ -473,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="overhead: budget.eval_every")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--linear", default="auto", choices=("auto", "onednn", "aten"),
-                   help="our fp32 CPU Linear path (variants.common.CPU_LINEAR; auto: as built)")
+                   help="our fp32 CPU Linear path (auto: harness.metrics.cpu_matmul's rule for this CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.add_argument("--out", default=None, help="also write a Markdown report here and its JSON beside it")

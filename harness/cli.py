@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from .errors import ConfigError, HarnessError
-from .metrics import cpu_malloc
+from .metrics import cpu_malloc, cpu_matmul
 
 
 def parse_sets(items: Sequence[str] | None) -> dict:
@@ -344,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu_malloc.tune()  # keep the CPU heap between steps (harness/metrics/cpu_malloc.py)
     parser = build_parser()
     try:
+        cpu_matmul.path()  # a bad HARNESS_CPU_LINEAR fails here, before any compute
         if argv and argv[0] == "bench-packing":
             return cmd_bench_packing(None, argv[1:])
         if argv and argv[0] == "bench-peer":

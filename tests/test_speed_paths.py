@@ -1,4 +1,5 @@
 """The fast paths give the numbers of the plain ones: oneDNN linears (eager and compiled),
+the CPU linear path's rule and override,
 DiT's fused adaLN ops, and the CPU malloc settings / memory counter."""
 import os
 import subprocess
@@ -8,15 +9,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.metrics import cpu_malloc
+from harness.errors import ConfigError
+from harness.metrics import cpu_malloc, cpu_matmul
 from harness.metrics.speed import SpeedOptions, measure_speed
 from variants import common
 from variants.dit import gated, modulate
 
 
+needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(),
+                                  reason="this torch build has no oneDNN linear")
+
+
+@pytest.fixture
+def onednn_path():
+    """Force the oneDNN path whatever this CPU's default is, so both paths are tested."""
+    old = cpu_matmul.set_path("onednn")
+    yield
+    cpu_matmul.set_path(old)
+
+
+@needs_onednn
 @pytest.mark.parametrize("k,n", [(24, 72), (72, 24), (32, 32)])  # both weight-grad branches
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_matches_f_linear_forward_and_backward(k, n, bias):
+def test_onednn_linear_matches_f_linear_forward_and_backward(k, n, bias, onednn_path):
     torch.manual_seed(0)
     lin = common.Linear(k, n, bias=bias)
     x = torch.randn(3, 5, k, requires_grad=True)
@@ -34,9 +49,8 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(k, n, bias):
         torch.testing.assert_close(gb[0], rb[0], rtol=1e-5, atol=1e-5)
 
 
-def test_onednn_linear_is_used_on_cpu_fp32_only():
-    if common.CPU_LINEAR != "onednn":
-        pytest.skip("this torch build has no oneDNN linear; F.linear is used everywhere")
+@needs_onednn
+def test_onednn_linear_is_used_on_cpu_fp32_only(onednn_path):
     w = torch.randn(4, 3)
     assert common._use_onednn(torch.randn(2, 3), w)
     assert not common._use_onednn(torch.randn(2, 3, dtype=torch.float64), w.double())
@@ -44,7 +58,55 @@ def test_onednn_linear_is_used_on_cpu_fp32_only():
         assert not common._use_onednn(torch.randn(2, 3), w)
 
 
-def test_compiled_linear_matches_eager():
+def test_aten_path_never_takes_onednn():
+    old = cpu_matmul.set_path("aten")
+    try:
+        assert not common._use_onednn(torch.randn(2, 3), torch.randn(4, 3))
+    finally:
+        cpu_matmul.set_path(old)
+
+
+def _default_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != cpu_matmul.ENV}
+    if env_value is not None:
+        env[cpu_matmul.ENV] = env_value
+    return subprocess.run([sys.executable, "-c", "from harness.metrics import cpu_matmul; "
+                           "print(cpu_matmul.path())"], env=env, capture_output=True, text=True)
+
+
+def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
+    r = _default_path_in_subprocess(None)
+    assert r.returncode == 0, r.stderr
+    rule = ("onednn" if cpu_matmul.cpu_vendor() not in ("GenuineIntel", "")
+            and cpu_matmul.onednn_available() and os.uname().machine == "x86_64" else "aten")
+    assert r.stdout.strip() == rule
+    assert _default_path_in_subprocess("aten").stdout.strip() == "aten"
+    bad = _default_path_in_subprocess("mkl")
+    assert bad.returncode != 0 and "HARNESS_CPU_LINEAR='mkl'" in bad.stderr and "aten, onednn" in bad.stderr
+    with pytest.raises(ConfigError, match="must be one of aten, onednn"):
+        cpu_matmul.set_path("blas")
+
+
+def test_harness_cli_rejects_a_bad_cpu_linear_before_any_work(tmp_path):
+    env = {**os.environ, cpu_matmul.ENV: "fast"}
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "studies/vit_digits.yaml",
+                        "--profile", "smoke", "--runs-dir", str(tmp_path / "runs")],
+                       env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode != 0
+    assert "HARNESS_CPU_LINEAR='fast'" in r.stderr and "aten, onednn" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path", ["aten", pytest.param("onednn", marks=needs_onednn)])
+def test_compiled_linear_matches_eager(path):
+    old = cpu_matmul.set_path(path)
+    try:
+        _compiled_linear_matches_eager()
+    finally:
+        cpu_matmul.set_path(old)
+
+
+def _compiled_linear_matches_eager():
     torch.manual_seed(0)
     mlp = common.Mlp(16, 48)
     x = torch.randn(2, 7, 16)

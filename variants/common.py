@@ -6,13 +6,13 @@ fused/flash kernels where the backend has them).  ``harness.metrics.flops`` coun
 that op, so attention FLOPs are never silently dropped.
 
 Every projection is a ``Linear`` (an ``nn.Linear``: same parameters, init and state
-dict) whose fp32 CPU matmuls, forward and backward, run on oneDNN (``linear()``) where
-the build has it: torch sends fp32 ``F.linear`` to its BLAS (MKL), which on AMD CPUs
-takes an AVX2 path at about half of what the cores do (measured on the dev machine, an
-AMD EPYC with AVX-512: 2 cores, ~100 vs ~230 GFLOP/s per core; see docs/speed.md).
-Under ``torch.compile`` the same matmuls are an opaque custom op (``harness::onednn_linear``)
-that inductor calls while fusing the element-wise work.  Tracing (FLOP counting), autocast,
-CUDA and other dtypes take ``F.linear`` unchanged.
+dict) whose fp32 CPU matmuls, forward and backward, run on the library that
+``harness.metrics.cpu_matmul`` picks for this CPU: torch's ``F.linear`` (MKL) on Intel, and
+oneDNN (``linear()``) on AMD, where MKL takes an AVX2 path at about half of what the cores
+do (measured on an AMD EPYC with AVX-512: 2 cores, ~100 vs ~230 GFLOP/s per core; see
+docs/speed.md).  Under ``torch.compile`` the oneDNN matmuls are an opaque custom op
+(``harness::onednn_linear``) that inductor calls while fusing the element-wise work.
+Tracing (FLOP counting), autocast, CUDA and other dtypes take ``F.linear`` unchanged.
 """
 from __future__ import annotations
 
@@ -23,14 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.metrics import cpu_matmul
+
 
 # ------------------------------------------------------------ linear layers
 
-def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-CPU_LINEAR = "onednn" if _onednn_linear_available() else "aten"  # fp32 CPU matmuls of Linear
 
 
 def _mm_onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +71,7 @@ def _compile_op():
     the element-wise work around it and calls oneDNN for the matmuls (it cannot lower
     ``mkldnn._linear_pointwise`` inside an autograd.Function, and its own CPU matmuls are
     MKL's).  Eager mode keeps the autograd.Function: a custom op costs ~5% on tiny models."""
-    if CPU_LINEAR != "onednn" or not hasattr(torch.library, "custom_op"):
+    if not cpu_matmul.onednn_available() or not hasattr(torch.library, "custom_op"):
         return None
     try:
         op = torch.library.custom_op("harness::onednn_linear", _mm_onednn, mutates_args=(),
@@ -108,7 +105,7 @@ _ONEDNN_OP = _compile_op()
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (CPU_LINEAR == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and cpu_matmul.path() == "onednn"
             and weight.dtype == torch.float32 and x.numel() > 0 and x.dim() >= 2
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not _cpu_autocast()
@@ -123,7 +120,8 @@ def _cpu_autocast() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with fp32 CPU matmuls on oneDNN (see the module docstring)."""
+    """``F.linear``, with fp32 CPU matmuls on oneDNN where that path is in force (see the
+    module docstring)."""
     if not _use_onednn(x, weight):
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
@@ -139,7 +137,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose forward is ``linear()``: fp32 CPU matmuls on oneDNN."""
+    """``nn.Linear`` whose forward is ``linear()`` (fp32 CPU matmuls on the chosen path)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
