@@ -22,7 +22,35 @@ UNITS = {"gflops_fwd": "GFLOPs fwd (MAC, attn incl.)", "params_m": "params (M)",
          "peak_mem_mb": "peak mem (MB)"}
 
 
-def speed_environment(trials: pd.DataFrame) -> list[str]:
+MFU_DTYPES = {"measured fp32 GEMM": "fp32", "measured bf16 GEMM": "bf16"}
+
+
+def mfu_against_study_peak(df: pd.DataFrame, trials: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Restate every MFU against the best peak of its dtype measured in *any* trial of the
+    study.  A trial logs its MFU against the best peak its own process had seen by then, so
+    the first trials of a process, timed against a peak that a later measurement beat,
+    would read high; one denominator per dtype makes the cells comparable and never
+    flatters.  Trials with a datasheet peak (``peak_tflops``) keep theirs."""
+    if df.empty or "mfu_peak_tflops" not in df or "tags.bench.mfu_peak" not in trials:
+        return df, {}
+    fin = trials[trials["status"] == "FINISHED"]
+    best = {d: float(fin[f"metrics.peak_{d}_tflops"].max()) for d in ("fp32", "bf16")
+            if f"metrics.peak_{d}_tflops" in fin and fin[f"metrics.peak_{d}_tflops"].notna().any()}
+    which = trials.set_index("run_id")["tags.bench.mfu_peak"].map(MFU_DTYPES)
+    df = df.copy()
+    for i, r in df.iterrows():
+        d = which.get(r["run_id"])
+        if d not in best or not r["mfu_peak_tflops"] > 0:
+            continue
+        factor = r["mfu_peak_tflops"] / best[d]
+        for m in ("train_mfu", "infer_mfu"):
+            if m in df:
+                df.at[i, m] = r[m] * factor
+        df.at[i, "mfu_peak_tflops"] = best[d]
+    return df, best
+
+
+def speed_environment(trials: pd.DataFrame, study_peaks: dict | None = None) -> list[str]:
     """Lines for a speed study's report: the matmul peak its trials measured (the MFU
     denominator), the MFU rule, malloc mode, and other processes' CPU use while timing."""
     lines = []
@@ -32,6 +60,11 @@ def speed_environment(trials: pd.DataFrame) -> list[str]:
             v = trials[col].dropna()
             lines.append(f"- dense {d} matmul peak measured in the same run (every trial's process): "
                          f"{v.min():.3f} to {v.max():.3f} TFLOP/s (2·M·N·K per s)")
+    if study_peaks:
+        lines.append("- MFU in this report: against the best peak of the run's dtype measured in any "
+                     "trial of the study (" + ", ".join(f"{d} {v:.3f}" for d, v in study_peaks.items())
+                     + " TFLOP/s), the same denominator for every cell; MLflow's per-trial `train_mfu` "
+                     "divides by the best peak its own process had measured by then")
     for tag, label in (("tags.bench.mfu_peak", "MFU denominator"), ("tags.bench.mfu_rule", "MFU rule"),
                        ("tags.bench.malloc", "malloc"), ("tags.bench.peak_mem_source", "peak memory from")):
         if tag in trials and trials[tag].notna().any():
@@ -365,6 +398,7 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
     ratios = study.resolved.get("ratios") or []
     ratio_metrics = [m for r in ratios for m in (r["metric"], r.get("ideal")) if m and m not in metrics]
     df = finished_table(study, trials, metrics + list(dict.fromkeys(ratio_metrics)))
+    df, study_peaks = mfu_against_study_peak(df, trials)
     out = Path(out_dir or Path("reports") / study.study_name)
     out.mkdir(parents=True, exist_ok=True)
     axes = list(study.sweep)
@@ -438,10 +472,14 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
         env.append(f"- load average (1 min) during trials: {min(loads):.2f} to {max(loads):.2f} "
                    f"on {trials['tags.device_name'].dropna().iloc[0] if 'tags.device_name' in trials else '?'}"
                    " (throughput figures are only comparable at similar load)")
-    env += speed_environment(trials)
+    env += speed_environment(trials, study_peaks)
     cmds = sorted(set(parents.get("tags.harness.command", pd.Series(dtype=str)).dropna()))
     cmd = command or (cmds[0] if cmds else f"harness run {study.path}")
     report_cmd = f"harness report {study.path}" + (f" --profile {study.profile}" if study.profile else "")
+    if not tracking_uri and str(runs_dir) != "runs":
+        report_cmd += f" --runs-dir {runs_dir}"
+    if out != Path("reports") / study.study_name:
+        report_cmd += f" --out {out_dir}"
     failed = trials[trials["status"] != "FINISHED"]
     fail_lines = [f"- trial {int(r['trial_number'])} `{r['tags.cell_id']}` seed {int(r['seed'])}: "
                   f"{r['status']}: {r.get('tags.fail_reason', '') or 'no reason recorded'}"
