@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from .errors import ConfigError, HarnessError
-from .metrics import cpu_malloc, cpu_matmul
+from .metrics import cpu_gelu, cpu_malloc, cpu_matmul
 
 
 def parse_sets(items: Sequence[str] | None) -> dict:
@@ -73,6 +73,7 @@ def cmd_variants(args) -> int:
 def cmd_bench(args) -> int:
     from . import registry
     from .metrics.flops import FLOP_CONVENTION, build_uninitialised, flops_of
+    from .metrics.peak import add_mfu, cached_peak, gemm_probe
     from .metrics.speed import SpeedOptions, measure_speed
     from .sweep import resolve_device
 
@@ -80,8 +81,8 @@ def cmd_bench(args) -> int:
     device = resolve_device(args.device)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.ops < 0:
         raise ConfigError("--batch-size and --steps must be >= 1, --warmup and --ops >= 0")
-    if args.ops and args.flops_only:
-        raise ConfigError("--ops profiles train steps; it cannot go with --flops-only")
+    if (args.ops or args.mfu) and args.flops_only:
+        raise ConfigError("--ops and --mfu time train steps; they cannot go with --flops-only")
     specs = [registry.get(n) for n in args.names]
     cfgs = [s.config(**overrides) for s in specs]  # validate everything before compute
     if args.alternate:
@@ -98,7 +99,12 @@ def cmd_bench(args) -> int:
             model, _ = registry.build(spec.name, overrides, seed=0)
             opts = SpeedOptions(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
                                 bf16=args.bf16, compile=args.compile, profile_ops=args.ops)
-            rec.update(measure_speed(model, opts, device))
+            # --mfu: the peak first (for the probes timed next to each step), then once more
+            probe = gemm_probe(cached_peak(device), device, args.bf16) if args.mfu else None
+            rec.update(measure_speed(model, opts, device, probe=probe))
+            if args.mfu:
+                cached_peak(device, refresh=True)
+                add_mfu(rec, device, args.bf16)
             del model
         rec.update({f"config.{k}": v for k, v in registry.config_dict(cfg).items()})
         rec = {k: v for k, v in rec.items() if v is not None}
@@ -110,6 +116,9 @@ def cmd_bench(args) -> int:
         if not args.flops_only:
             cols += ["train_samples_per_s", "train_tokens_per_s", "infer_samples_per_s",
                      "train_step_ms_median", "peak_mem_mb"]
+            if args.mfu:
+                cols += ["train_mfu", "train_mfu_paired", "infer_mfu", "infer_mfu_paired",
+                         "mfu_peak_tflops", "train_paired_peak_tflops"]
         cols = [c for c in cols if any(c in r for r in records)]
         print_table(records, cols)
         print(f"\nFLOPs: {FLOP_CONVENTION}.")
@@ -118,6 +127,11 @@ def cmd_bench(args) -> int:
             print(f"Speed: device {r['device']}, batch {args.batch_size}, {args.warmup} warm-up + "
                   f"{args.steps} timed steps, median step; train = fwd + bwd + AdamW; "
                   f"peak memory from {r['peak_mem_source']}.")
+            if args.mfu:
+                print(f"MFU: 3 (train) or 1 (infer) x fwd MACs x 2 x samples/s / peak flop/s, peak = "
+                      f"the best dense {r['mfu_peak']} GEMM measured in this process "
+                      f"(mfu_peak_tflops); *_paired: per timed step against the GEMM rate probed "
+                      f"just before and after it (the faster), median over steps.")
         for r in records:
             if r.get("train_ops"):
                 print(f"\nWhere a {r['name']} train step's time goes (torch.profiler over {args.ops} "
@@ -154,8 +168,8 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
     device = torch.device(device)
     if args.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
-    if args.flops_only or args.ops:
-        raise ConfigError("--alternate times train steps; it cannot go with --flops-only or --ops")
+    if args.flops_only or args.ops or args.mfu:
+        raise ConfigError("--alternate times train steps; it cannot go with --flops-only, --ops or --mfu")
     per_round = max(1, -(-args.steps // args.rounds))
     records = []
     for spec in specs:
@@ -280,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--flops-only", action="store_true")
     b.add_argument("--ops", type=int, default=0, metavar="N",
                    help="then profile N more train steps (torch.profiler) and print where the time goes")
+    b.add_argument("--mfu", action="store_true",
+                   help="measure the dense GEMM peak and print MFU, also paired: against a GEMM "
+                        "probe timed next to each step")
     b.add_argument("--alternate", metavar="ARMS", default=None,
                    help="time train steps of each arm in alternating rounds, one process: "
                         "two or more of " + ", ".join(ARMS) + " (e.g. eager,compile)")
@@ -345,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         cpu_matmul.path()  # a bad HARNESS_CPU_LINEAR fails here, before any compute
+        cpu_gelu.path()    # and a bad HARNESS_CPU_GELU
         if argv and argv[0] == "bench-packing":
             return cmd_bench_packing(None, argv[1:])
         if argv and argv[0] == "bench-peer":

@@ -52,6 +52,12 @@ def test_benchmark_task_times_a_tiny_dit_and_reports_finite_metrics(tmp_path):
     assert out["mfu_peak_tflops"] == out["peak_fp32_tflops"]
     assert logged == out
     assert tags["bench.bf16"] == "false" and tags["bench.mfu_peak"] == "measured fp32 GEMM"
+    # paired MFU: each timed step against the GEMM rate probed next to it, at the peak's size
+    for k in ("train_mfu_paired", "infer_mfu_paired", "train_paired_peak_tflops"):
+        assert k in out and out[k] > 0 and k in task.metrics, k
+    assert out["train_paired_peak_tflops"] <= out["peak_fp32_tflops"] * 1.5
+    assert "probed" in tags["bench.mfu_paired_rule"]
+    assert tags["bench.cpu_gelu"] in ("aten", "fused")
 
 
 def test_benchmark_peak_override_and_no_peak(tmp_path):
@@ -60,6 +66,7 @@ def test_benchmark_peak_override_and_no_peak(tmp_path):
                                    "peak_tflops": 0.5})
     out = task.run(ctx)
     assert out["mfu_peak_tflops"] == 0.5 and "peak_fp32_tflops" not in out
+    assert "train_mfu_paired" not in out  # a datasheet peak has nothing to probe
     assert "infer_samples_per_s" not in out and tags["bench.mfu_peak"] == "override"
     task, ctx, _, _ = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
                                {"batch_size": 1, "warmup": 0, "steps": 1, "measure_peak": False})

@@ -89,3 +89,36 @@ def test_other_load_without_proc_is_nan(monkeypatch):
     with peak.OtherLoad() as other:
         pass
     assert math.isnan(other.cores)
+
+
+def test_gemm_probe_times_the_peaks_dtype_size_and_path():
+    p = peak.measure_peak("cpu", sizes=(64, 96), dtypes=("fp32",), warmup=1, repeats=2)
+    probe = peak.gemm_probe(p, "cpu", bf16=False)
+    rates = [probe() for _ in range(3)]
+    assert all(r > 0 and math.isfinite(r) for r in rates)
+    assert peak.gemm_probe({}, "cpu", bf16=False) is None  # nothing measured: no probe
+    # a bf16 run probes the bf16 peak where there is one, else the fp32 one (as peak_for)
+    assert peak.gemm_probe(p, "cpu", bf16=True) is not None
+
+
+def test_paired_mfu_divides_each_step_by_its_own_probe():
+    # 1 GMAC fwd per sample, batch 10; steps of 1 s and 2 s; probes 60 and 30 GFLOP/s:
+    # step 1: 3 x 1e9 x 2 x 10 / 60e9 = 1.0; step 2: 3 x 1e9 x 2 x 5 / 30e9 = 1.0
+    assert peak.paired_mfu([1.0, 2.0], [60e9, 30e9], 1.0, 10, train=True) == pytest.approx(1.0)
+    # against one fixed peak the same steps read 1.0 and 0.5: the drift, not the code
+    assert peak.mfu(1.0, 5.0, 60e9, train=True) == pytest.approx(0.5)
+    assert peak.paired_mfu([1.0, 1.0, 4.0], [60e9] * 3, 1.0, 10, train=False) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="one per step"):
+        peak.paired_mfu([1.0], [], 1.0, 10, train=True)
+    m = peak.paired_mfu_metrics({"train_step_s": [1.0], "train_probe_flops": [60e9]}, 1.0, 10)
+    assert m == {"train_mfu_paired": pytest.approx(1.0), "train_paired_peak_tflops": pytest.approx(0.06)}
+    assert peak.paired_mfu_metrics({"train_samples_per_s": 3.0}, 1.0, 10) == {}
+
+
+def test_probed_steps_take_the_faster_probe_on_either_side():
+    from harness.metrics.speed import time_steps_probed
+    probes, steps = iter([5.0, 1.0, 3.0, 2.0]), []
+    times, rates = time_steps_probed(lambda: steps.append(1), torch.device("cpu"), warmup=2,
+                                     steps=3, probe=lambda: next(probes))
+    assert len(steps) == 5 and len(times) == 3
+    assert rates == [5.0, 3.0, 3.0]  # max(5, 1), max(1, 3), max(3, 2)

@@ -1,6 +1,6 @@
 """The fast paths give the numbers of the plain ones: oneDNN linears (eager and compiled),
-the CPU linear path's rule and override,
-DiT's fused adaLN ops, and the CPU malloc settings / memory counter."""
+the CPU linear path's rule and override, the fused tanh-GELU (values, gradients, fallback,
+override), DiT's fused adaLN ops, and the CPU malloc settings / memory counter."""
 import os
 import subprocess
 import sys
@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from harness.errors import ConfigError
-from harness.metrics import cpu_malloc, cpu_matmul
+from harness.metrics import cpu_gelu, cpu_malloc, cpu_matmul
 from harness.metrics.speed import SpeedOptions, measure_speed
 from variants import common
 from variants.dit import gated, modulate
@@ -166,3 +167,95 @@ def test_cpu_speed_records_malloc_mode_and_memory_from_an_extra_step():
         # a train step holds at least the (4, 512, 1024) fp32 hidden activation (8 MiB)
         assert r["train_peak_mem_mb"] >= 8
     assert r["train_samples_per_s"] > 0 and r["infer_samples_per_s"] > 0
+
+
+# ------------------------------------------------------------ tanh-GELU
+
+needs_fused_gelu = pytest.mark.skipif(not cpu_gelu.fused_available(),
+                                      reason="torch.compile cannot build CPU kernels here")
+
+
+@pytest.fixture
+def gelu_path():
+    """Set the GELU path for one test, restored after."""
+    olds = []
+    yield lambda name: olds.append(cpu_gelu.set_path(name))
+    if olds:
+        cpu_gelu.set_path(olds[0])
+
+
+@needs_fused_gelu
+def test_fused_tanh_gelu_equals_torchs_values_and_gradients(gelu_path):
+    gelu_path("fused")
+    torch.manual_seed(0)
+    act = common.tanh_gelu()
+    assert isinstance(act, nn.GELU) and act.approximate == "tanh"
+    n = cpu_gelu.FUSED_MIN_NUMEL
+    x = torch.cat([torch.randn(n) * 3, torch.linspace(-30, 30, 1008)]).view(-1, 16)
+    assert common._use_fused_gelu(x)
+    for inp in (x, x.t()):  # contiguous and transposed
+        inp = inp.detach().requires_grad_()
+        y = act(inp)
+        assert y.grad_fn is not None and "FusedGeluTanh" in type(y.grad_fn).__name__
+        g = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, inp, g)
+        ref_in = inp.detach().requires_grad_()
+        ref = F.gelu(ref_in, approximate="tanh")
+        (gref,) = torch.autograd.grad(ref, ref_in, g)
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gx, gref, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(act(x), F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
+
+
+def test_tanh_gelu_takes_torchs_kernel_off_the_fused_path(gelu_path):
+    small = torch.randn(4, 8)
+    assert not common._use_fused_gelu(small)  # too small to be worth a compile
+    big = torch.randn(cpu_gelu.FUSED_MIN_NUMEL)
+    assert not common._use_fused_gelu(big.bfloat16())  # bf16 autocast: torch's kernel
+    gelu_path("aten")
+    assert not common._use_fused_gelu(big)
+    torch.testing.assert_close(common.tanh_gelu()(small), F.gelu(small, approximate="tanh"))
+
+
+@needs_fused_gelu
+def test_fused_gelu_falls_back_to_torch_once_if_it_cannot_compile(gelu_path, monkeypatch):
+    gelu_path("fused")
+
+    def no_compiler():
+        raise RuntimeError("no working C++ compiler")
+    monkeypatch.setattr(common, "fused_gelu_tanh_kernels", no_compiler)
+    x = torch.randn(cpu_gelu.FUSED_MIN_NUMEL)
+    with pytest.warns(UserWarning, match="could not be compiled"):
+        y = common.gelu_tanh(x)
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"))
+    assert cpu_gelu.path() == "aten"
+
+
+def _gelu_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != cpu_gelu.ENV}
+    if env_value is not None:
+        env[cpu_gelu.ENV] = env_value
+    return subprocess.run([sys.executable, "-c", "from harness.metrics import cpu_gelu; "
+                           "print(cpu_gelu.path())"], env=env, capture_output=True, text=True)
+
+
+def test_cpu_gelu_default_and_env_override():
+    r = _gelu_path_in_subprocess(None)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("fused" if cpu_gelu.fused_available() else "aten")
+    assert _gelu_path_in_subprocess("aten").stdout.strip() == "aten"
+    bad = _gelu_path_in_subprocess("fast")
+    assert bad.returncode != 0 and "HARNESS_CPU_GELU='fast'" in bad.stderr and "aten, fused" in bad.stderr
+    with pytest.raises(ConfigError, match="must be one of aten, fused"):
+        cpu_gelu.set_path("sleef")
+
+
+def test_harness_cli_rejects_a_bad_cpu_gelu_before_any_work(tmp_path):
+    env = {**os.environ, cpu_gelu.ENV: "fast"}
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "studies/vit_digits.yaml",
+                        "--profile", "smoke", "--runs-dir", str(tmp_path / "runs")],
+                       env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode != 0 and "HARNESS_CPU_GELU='fast'" in r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.metrics import cpu_matmul
+from harness.metrics import cpu_gelu, cpu_matmul
 
 
 # ------------------------------------------------------------ linear layers
@@ -213,8 +213,90 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+# ------------------------------------------------------------ tanh-GELU
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
+
+
+def gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
+    """0.5 x (1 + tanh(k (x + c x^3))), written as x * sigmoid(2k (x + c x^3)): the same
+    function ((1 + tanh z) / 2 = sigmoid(2z)), whose sigmoid compiles to a fast exp."""
+    return x * torch.sigmoid((2 * _GELU_K) * (x + _GELU_C * x * x * x))
+
+
+def gelu_tanh_grad_formula(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g * d/dx gelu_tanh(x) = g * (s + x s (1 - s) 2k (1 + 3c x^2)), s = sigmoid(2k (x + c x^3))."""
+    s = torch.sigmoid((2 * _GELU_K) * (x + _GELU_C * x * x * x))
+    return g * (s + x * s * (1 - s) * (2 * _GELU_K) * (1 + (3 * _GELU_C) * x * x))
+
+
+_GELU_KERNELS: dict = {}
+
+
+def fused_gelu_tanh_kernels():
+    """(forward, backward): the two formulas compiled by inductor into one pass each over a
+    flat tensor of any length (``dynamic=True``: one compile per process, cached on disk by
+    inductor).  The first call compiles both, so a failure shows here, not mid-backward."""
+    if not _GELU_KERNELS:
+        fwd = torch.compile(gelu_tanh_formula, dynamic=True, fullgraph=True)
+        bwd = torch.compile(gelu_tanh_grad_formula, dynamic=True, fullgraph=True)
+        x = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL)
+        with torch.no_grad():  # as inside an autograd.Function
+            fwd(x), bwd(x, x)
+        _GELU_KERNELS.update(fwd=fwd, bwd=bwd)
+    return _GELU_KERNELS["fwd"], _GELU_KERNELS["bwd"]
+
+
+class _FusedGeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        ctx.save_for_backward(x)
+        return _GELU_KERNELS["fwd"](x.reshape(-1)).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return _GELU_KERNELS["bwd"](g.reshape(-1), x.reshape(-1)).view(x.shape)
+
+
+def _use_fused_gelu(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() >= cpu_gelu.FUSED_MIN_NUMEL and cpu_gelu.path() == "fused"
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x, approximate="tanh")``; large fp32 CPU tensors through one fused pass
+    forward and one backward where ``harness.metrics.cpu_gelu``'s path is ``fused`` (torch's
+    own CPU kernel evaluates tanh slowly; see that module)."""
+    if torch.compiler.is_compiling():
+        return gelu_tanh_formula(x)  # inside a compiled model inductor fuses it with the rest
+    if not _use_fused_gelu(x):
+        return F.gelu(x, approximate="tanh")
+    try:
+        fused_gelu_tanh_kernels()
+    except Exception as e:  # e.g. a C++ toolchain inductor cannot build with: fall back, once
+        import warnings
+        cpu_gelu.set_path("aten")
+        warnings.warn(f"fused tanh-GELU could not be compiled ({type(e).__name__}: {e}); "
+                      f"using torch's kernel (set {cpu_gelu.ENV}=aten to skip the attempt)")
+        return F.gelu(x, approximate="tanh")
+    return _FusedGeluTanh.apply(x)
+
+
+class TanhGELU(nn.GELU):
+    """``nn.GELU(approximate="tanh")`` through ``gelu_tanh`` (same module type and repr)."""
+
+    def __init__(self):
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(x)
+
+
 def tanh_gelu() -> nn.Module:
-    return nn.GELU(approximate="tanh")
+    return TanhGELU()
 
 
 class Block(nn.Module):

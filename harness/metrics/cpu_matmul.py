@@ -21,15 +21,12 @@ always take ``F.linear``.
 from __future__ import annotations
 
 import functools
-import os
 import platform
 
-from ..errors import ConfigError
+from .kernel_choice import KernelChoice
 
 CHOICES = ("aten", "onednn")
 ENV = "HARNESS_CPU_LINEAR"
-
-_state: dict = {"path": None}
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,34 +47,32 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def default_path() -> str:
-    """The path by the rule in the module docstring, or ``$HARNESS_CPU_LINEAR``."""
-    want = os.environ.get(ENV, "").strip().lower()
-    if want:
-        if want not in CHOICES:
-            raise ConfigError(f"{ENV}={os.environ[ENV]!r}: must be one of {', '.join(CHOICES)}")
-        if want == "onednn" and not onednn_available():
-            raise ConfigError(f"{ENV}=onednn: this torch build has no oneDNN linear "
-                              f"(torch.ops.mkldnn._linear_pointwise); use {ENV}=aten")
-        return want
+def _rule() -> str:
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if x86 and cpu_vendor() not in ("GenuineIntel", "") and onednn_available():
         return "onednn"
     return "aten"
 
 
+def _unavailable(name: str) -> str | None:
+    if name == "onednn" and not onednn_available():
+        return "this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)"
+    return None
+
+
+_choice = KernelChoice(ENV, "CPU linear path", CHOICES, _rule, _unavailable)
+
+
+def default_path() -> str:
+    """The path by the rule in the module docstring, or ``$HARNESS_CPU_LINEAR``."""
+    return _choice.resolve()
+
+
 def path() -> str:
     """The fp32 CPU linear path in force in this process: ``aten`` or ``onednn``."""
-    if _state["path"] is None:
-        _state["path"] = default_path()
-    return _state["path"]
+    return _choice.get()
 
 
 def set_path(name: str) -> str:
     """Force a path for this process (benchmarks that compare both); returns the old one."""
-    if name not in CHOICES:
-        raise ConfigError(f"CPU linear path {name!r}: must be one of {', '.join(CHOICES)}")
-    if name == "onednn" and not onednn_available():
-        raise ConfigError("CPU linear path 'onednn': this torch build has no oneDNN linear")
-    old, _state["path"] = path(), name
-    return old
+    return _choice.set(name)

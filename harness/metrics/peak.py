@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Sequence
@@ -69,14 +70,8 @@ def onednn_fp32_available(device: torch.device | str) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def gemm_rate(size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-              warmup: int = 1, repeats: int = 3, impl: str = "mm") -> float:
-    """Best multiply-adds per second of a ``size``^3 GEMM over ``repeats`` timed calls.
-
-    impl: "mm" is ``torch.mm`` (fp32 on CPU: torch's BLAS, MKL; bf16 on CPU: oneDNN);
-    "onednn" is oneDNN's fp32 matmul (``torch.ops.mkldnn._linear_pointwise``), the path
-    ``variants.common.Linear`` takes for fp32 on CPU."""
-    device = torch.device(device)
+def _gemm_call(size: int, dtype: torch.dtype, device: torch.device, impl: str):
+    """A closure running one ``size``^3 GEMM on preallocated operands."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
@@ -90,6 +85,10 @@ def gemm_rate(size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
             torch.mm(a, b, out=out)
     else:
         raise ValueError(f"impl {impl!r}: valid: mm, onednn")
+    return call
+
+
+def _best_rate(call, size: int, device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         call()
     _sync(device)
@@ -100,6 +99,17 @@ def gemm_rate(size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return size ** 3 / best
+
+
+def gemm_rate(size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+              warmup: int = 1, repeats: int = 3, impl: str = "mm") -> float:
+    """Best multiply-adds per second of a ``size``^3 GEMM over ``repeats`` timed calls.
+
+    impl: "mm" is ``torch.mm`` (fp32 on CPU: torch's BLAS, MKL; bf16 on CPU: oneDNN);
+    "onednn" is oneDNN's fp32 matmul (``torch.ops.mkldnn._linear_pointwise``), the path
+    ``variants.common.Linear`` takes for fp32 on CPU where oneDNN is the faster library."""
+    device = torch.device(device)
+    return _best_rate(_gemm_call(size, dtype, device, impl), size, device, warmup, repeats)
 
 
 def default_sizes(device: torch.device | str) -> tuple[int, ...]:
@@ -189,6 +199,55 @@ def peak_for(peak: dict, device: torch.device | str, bf16: bool,
     return peak["peak_fp32_tflops"] * 1e12, "fp32"
 
 
+def gemm_probe(peak: dict, device: torch.device | str, bf16: bool, repeats: int = 2):
+    """A callable returning the dense-GEMM rate (real flop/s) the machine gives *now*: best
+    of ``repeats`` GEMMs at the dtype, size and matmul path of the measured peak that is
+    MFU's denominator (``peak_for``).  Timed next to each step (``measure_speed(probe=)``),
+    it gives the paired MFU: a shared or throttling machine whose speed drifts by tens of
+    % within a minute slows the steps and the probes alike.  None without a measured peak."""
+    if not peak:
+        return None
+    _, which = peak_for(peak, device, bf16)
+    size, impl = peak.get(f"peak_{which}_size"), peak.get(f"peak_{which}_impl")
+    if size is None or impl is None:
+        return None
+    device = torch.device(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[which]
+    call = _gemm_call(int(size), dtype, device, {"torch.mm": "mm", "onednn": "onednn"}[impl])
+
+    def probe() -> float:
+        prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the peak
+            return 2 * _best_rate(call, int(size), device, 0, repeats)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    return probe
+
+
+def paired_mfu(step_s: Sequence[float], probe_flops: Sequence[float], gmacs_fwd_per_sample: float,
+               batch_size: int, train: bool) -> float:
+    """Median over timed steps of each step's MFU against the GEMM rate probed next to it
+    (the faster of the probes just before and just after the step)."""
+    if not step_s or len(step_s) != len(probe_flops):
+        raise ValueError(f"{len(step_s)} step times vs {len(probe_flops)} probes: need one per step")
+    return statistics.median(mfu(gmacs_fwd_per_sample, batch_size / t, r, train)
+                             for t, r in zip(step_s, probe_flops))
+
+
+def paired_mfu_metrics(speed: dict, gmacs_fwd_per_sample: float, batch_size: int) -> dict:
+    """``{train,infer}_mfu_paired`` and ``{train,infer}_paired_peak_tflops`` (the median
+    probe) from a ``measure_speed(probe=...)`` dict; {} where it has no probes."""
+    out = {}
+    for mode in ("train", "infer"):
+        rates = speed.get(f"{mode}_probe_flops")
+        if rates:
+            out[f"{mode}_mfu_paired"] = paired_mfu(speed[f"{mode}_step_s"], rates,
+                                                   gmacs_fwd_per_sample, batch_size, mode == "train")
+            out[f"{mode}_paired_peak_tflops"] = statistics.median(rates) / 1e12
+    return out
+
+
 def mfu(gmacs_fwd_per_sample: float, samples_per_s: float, peak_flops_per_s: float,
         train: bool) -> float:
     """Model FLOPs utilisation: (3 if train else 1) x fwd MACs x 2 flops/MAC x samples/s / peak."""
@@ -247,13 +306,15 @@ def _own_jiffies() -> float:
 
 def add_mfu(record: dict, device: torch.device | str, bf16: bool = False,
             override_tflops: float | None = None, sizes: Sequence[int] | None = None) -> dict:
-    """Peak + MFU figures for a ``harness bench`` record (``gflops_fwd`` and the speed keys):
-    ``peak_*`` (measured once per process unless ``override_tflops``), ``mfu_peak_tflops``,
-    ``train_mfu``, ``infer_mfu``.  Returns the added keys."""
+    """Peak + MFU figures for a ``harness bench`` record (``gflops_fwd``, ``batch_size`` and
+    the speed keys): ``peak_*`` (the best measured in this process unless
+    ``override_tflops``), ``mfu_peak_tflops``, ``train_mfu``, ``infer_mfu``, and the paired
+    figures where the record has probes.  Returns the added keys."""
     peak = {} if override_tflops else cached_peak(device, sizes)
     flops, which = peak_for(peak, device, bf16, override_tflops)
     out = {k: v for k, v in peak.items() if k.endswith(("_tflops", "_tmacs"))}
     out.update(mfu_metrics(record, record["gflops_fwd"], flops))
+    out.update(paired_mfu_metrics(record, record["gflops_fwd"], record["batch_size"]))
     out["mfu_peak_tflops"] = flops / 1e12
     out["mfu_peak"] = which
     record.update(out)

@@ -125,24 +125,49 @@ def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_r
     return times
 
 
-def time_and_memory(step, device: torch.device, warmup: int, steps: int) -> tuple[list[float], dict]:
-    """Timed steps, and the peak memory of a step.  On CPU the memory sampler (a thread
+def time_steps_probed(step, device: torch.device, warmup: int, steps: int,
+                      probe) -> tuple[list[float], list[float]]:
+    """``time_steps`` with ``probe()`` (the machine's GEMM rate now, ``peak.gemm_probe``)
+    called, untimed, before the first timed step and after each one; per step, the faster
+    of the probes on either side of it."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    rates, times = [probe()], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        rates.append(probe())
+    return times, [max(a, b) for a, b in zip(rates, rates[1:])]
+
+
+def time_and_memory(step, device: torch.device, warmup: int, steps: int,
+                    probe=None) -> tuple[list[float], dict, list[float]]:
+    """Timed steps, the peak memory of a step, and (with ``probe``) the GEMM rate probed
+    next to each timed step (else []).  On CPU the memory sampler (a thread
     reading malloc's counters every millisecond) would slow the steps it watches (~7% on 2
     cores, measured), so it watches one extra, untimed step after the timed ones; CUDA's
     counter costs nothing and watches the timed steps.  Tiny steps are repeated for 20 ms
     under the sampler, which reads every millisecond."""
+    def timed() -> tuple[list[float], list[float]]:
+        if probe is None:
+            return time_steps(step, device, warmup, steps), []
+        return time_steps_probed(step, device, warmup, steps, probe)
+
     if device.type == "cuda":
         with peak_memory(device) as mem:
-            times = time_steps(step, device, warmup, steps)
-        return times, mem
-    times = time_steps(step, device, warmup, steps)
+            times, rates = timed()
+        return times, mem, rates
+    times, rates = timed()
     with peak_memory(device) as mem:  # >= 20 ms of steps, so the 1 ms sampler sees the peak
         t0 = time.perf_counter()
         for _ in range(100):
             step()
             if time.perf_counter() - t0 > 0.02:
                 break
-    return times, mem
+    return times, mem, rates
 
 
 def op_profile(step, device: torch.device, steps: int, top: int = 15) -> list[dict]:
@@ -219,11 +244,15 @@ def make_train_step(model: nn.Module, run, inputs: tuple, optim, device: torch.d
 
 
 def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
-                  device: str | torch.device = "cpu", inputs: tuple | None = None) -> dict:
+                  device: str | torch.device = "cpu", inputs: tuple | None = None,
+                  probe=None) -> dict:
     """Flat dict of train_* and infer_* timings plus peak memory, for one variant.
 
     ``inputs``: the forward's positional args for a batch of ``opts.batch_size`` (default:
-    ``model.example_inputs``, seeded by ``opts.seed``)."""
+    ``model.example_inputs``, seeded by ``opts.seed``).  ``probe``: a callable giving the
+    machine's GEMM rate now (``peak.gemm_probe``), timed next to every step; then the dict
+    also holds ``{train,infer}_step_s`` and ``{train,infer}_probe_flops`` (lists, one per
+    timed step) for ``peak.paired_mfu``."""
     opts = opts or SpeedOptions()
     device = torch.device(device)
     if device.type == "cpu":
@@ -247,8 +276,10 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         model.train()
         optim = adamw(model.parameters(), device)
         train_step = make_train_step(model, run, inputs, optim, device, opts.bf16)
-        times, mem = time_and_memory(train_step, device, opts.warmup, opts.steps)
+        times, mem, rates = time_and_memory(train_step, device, opts.warmup, opts.steps, probe)
         out.update(summarise("train", times, opts.batch_size, model.tokens_per_sample()))
+        if rates:
+            out.update(train_step_s=times, train_probe_flops=rates)
         out["train_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)
         if opts.profile_ops:
@@ -261,8 +292,10 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
             with torch.inference_mode(), autocast(device, opts.bf16):
                 run(*inputs)
 
-        times, mem = time_and_memory(infer_step, device, opts.warmup, opts.steps)
+        times, mem, rates = time_and_memory(infer_step, device, opts.warmup, opts.steps, probe)
         out.update(summarise("infer", times, opts.batch_size, model.tokens_per_sample()))
+        if rates:
+            out.update(infer_step_s=times, infer_probe_flops=rates)
         out["infer_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)
     out["peak_mem_mb"] = max(p["peak_mem_mb"] for p in peaks) if peaks else 0.0

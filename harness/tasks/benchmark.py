@@ -98,6 +98,8 @@ class BenchmarkTask(Task):
                "peak_fp32_blas_tflops", "peak_fp32_onednn_tflops",
                "train_step_ms_max", "infer_step_ms_median", "infer_step_ms_min",
                "infer_step_ms_max", "gflops_fwd_timed", "bench_time_s", "threads",
+               "train_mfu_paired", "infer_mfu_paired", "train_paired_peak_tflops",
+               "infer_paired_peak_tflops",
                "other_cpu_cores")
 
     def model_overrides(self, options, data_info, config_fields) -> dict:
@@ -118,7 +120,9 @@ class BenchmarkTask(Task):
     def run(self, ctx: TrialContext) -> dict:
         import time
 
-        from ..metrics.peak import OtherLoad, cached_peak, mfu_metrics, peak_for
+        from ..metrics import cpu_gelu
+        from ..metrics.peak import (OtherLoad, cached_peak, gemm_probe, mfu_metrics,
+                                    paired_mfu_metrics, peak_for)
         from ..metrics.speed import SpeedOptions, measure_speed
 
         o: BenchmarkOptions = ctx.options
@@ -132,17 +136,18 @@ class BenchmarkTask(Task):
             gmacs = gmacs_per_sample(ctx.model, inputs, o.batch_size)
             extra = getattr(ctx.model, "extra_metrics", dict)
             extra()  # reset family counters (NaViT padding) touched by the counting forward
+            measured = o.measure_peak and not o.peak_tflops
+            # the peak is measured before the timing (once per process), for the probes timed
+            # next to each step (paired MFU), and again after it: the best peak seen in the
+            # process is the denominator of train_mfu, so a peak taken while something else
+            # held the cores cannot inflate MFU
+            probe = gemm_probe(cached_peak(device, o.peak_sizes), device, o.bf16) if measured else None
             with OtherLoad() as other:  # what other processes took from the cores meanwhile
                 speed = measure_speed(ctx.model, SpeedOptions(
                     batch_size=o.batch_size, warmup=o.warmup, steps=o.steps, bf16=o.bf16,
                     compile=o.compile, channels_last=o.channels_last, train=o.train,
-                    infer=o.infer, seed=ctx.seed), device, inputs)
-            peak = {}
-            if o.measure_peak and not o.peak_tflops:
-                # measured after the timing too: the best peak seen in the process is the
-                # denominator, so a peak taken while something else held the cores cannot
-                # inflate MFU (first call: one measurement; later trials: a refresh)
-                peak = cached_peak(device, o.peak_sizes, refresh=True)
+                    infer=o.infer, seed=ctx.seed), device, inputs, probe=probe)
+            peak = cached_peak(device, o.peak_sizes, refresh=True) if measured else {}
             threads = torch.get_num_threads()
             family = {k: float(v) for k, v in extra().items()}  # e.g. padding_fraction
         finally:
@@ -161,13 +166,18 @@ class BenchmarkTask(Task):
                 "bench.threads": str(threads), "bench.batch_size": str(o.batch_size),
                 "bench.peak_mem_source": str(speed.get("peak_mem_source", "")),
                 "bench.malloc": str(speed.get("malloc", "")),
+                "bench.cpu_gelu": cpu_gelu.path() if torch.device(device).type == "cpu" else "n/a",
                 "bench.flops": "fwd MACs of the timed batch per sample (fvcore, attention incl.)"}
         if peak or o.peak_tflops:
             peak_flops, which = peak_for(peak, device, o.bf16, o.peak_tflops)
             out.update(mfu_metrics(speed, gmacs, peak_flops))
             out["mfu_peak_tflops"] = peak_flops / 1e12
+            out.update(paired_mfu_metrics(speed, gmacs, o.batch_size))
             tags["bench.mfu_peak"] = which if which == "override" else f"measured {which} GEMM"
             tags["bench.mfu_rule"] = "train = 3 x fwd MACs x 2 x samples/s / peak flop/s"
+            if probe is not None:
+                tags["bench.mfu_paired_rule"] = ("per timed step, against the GEMM rate probed "
+                                                 "just before and after it (the faster); median")
             if peak:
                 tags["bench.peak_method"] = peak.get("peak_method", "")
         out["bench_time_s"] = time.perf_counter() - t0

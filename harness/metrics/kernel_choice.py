@@ -1,0 +1,48 @@
+"""A per-process choice between named CPU kernel paths (``cpu_matmul``, ``cpu_gelu``): an
+environment variable overrides a default rule, checked before any work; ``set`` forces one
+(benchmarks that compare paths); the path in force is recorded with every trial."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from ..errors import ConfigError
+
+
+class KernelChoice:
+    """``choices[0]`` is the plain path that always works; ``unavailable(name)`` says why
+    another cannot run here (None: it can); ``rule()`` is the default."""
+
+    def __init__(self, env: str, label: str, choices: tuple[str, ...], rule: Callable[[], str],
+                 unavailable: Callable[[str], str | None]):
+        self.env, self.label, self.choices = env, label, choices
+        self.rule, self.unavailable = rule, unavailable
+        self._path: str | None = None
+
+    def resolve(self) -> str:
+        """``$ENV`` if set (validated), else the rule."""
+        want = os.environ.get(self.env, "").strip().lower()
+        if not want:
+            return self.rule()
+        if want not in self.choices:
+            raise ConfigError(f"{self.env}={os.environ[self.env]!r}: must be one of "
+                              f"{', '.join(self.choices)}")
+        why = self.unavailable(want)
+        if why:
+            raise ConfigError(f"{self.env}={want}: {why}; use {self.env}={self.choices[0]}")
+        return want
+
+    def get(self) -> str:
+        if self._path is None:
+            self._path = self.resolve()
+        return self._path
+
+    def set(self, name: str) -> str:
+        """Force ``name`` for this process; returns the old path."""
+        if name not in self.choices:
+            raise ConfigError(f"{self.label} {name!r}: must be one of {', '.join(self.choices)}")
+        why = self.unavailable(name)
+        if why:
+            raise ConfigError(f"{self.label} {name!r}: {why}")
+        old, self._path = self.get(), name
+        return old
