@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import cpu_malloc, cpu_matmul
+from .metrics import cpu_gelu, cpu_malloc, cpu_matmul
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate
 
@@ -137,6 +137,8 @@ def match_vivit(theirs: nn.Module, model: int, nt: int, ns: int, dim: int) -> No
     """Make vit-pytorch's ViViT the design ours is, in place (how is part of the report):
     - no LayerNorms around the patch projection (ours: the tubelet Conv3d alone);
     - qkv projections with bias (ours, like ViT / Scenic);
+    - tanh-approximated GELU in the MLPs (ours, like Scenic / flax; theirs: the erf GELU),
+      on torch's own kernel (``nn.GELU(approximate="tanh")``);
     - Model 2: one spatial position table shared by all frames and a temporal table in front
       of the temporal transformer (ours, like Scenic), instead of one (nt, ns) table.
     Mean pooling on both sides (so neither has CLS tokens)."""
@@ -145,6 +147,9 @@ def match_vivit(theirs: nn.Module, model: int, nt: int, ns: int, dim: int) -> No
     for m in theirs.modules():
         if hasattr(m, "to_qkv"):
             m.to_qkv = _linear_with_bias(m.to_qkv)
+        for name, child in m.named_children():
+            if type(child) is nn.GELU:
+                setattr(m, name, nn.GELU(approximate="tanh"))
     if model == 2:
         theirs.pos_embedding = nn.Parameter(torch.randn(1, 1, ns, dim) * 0.02)
         theirs.temporal_transformer = WithPositions(theirs.temporal_transformer, nt, dim)
@@ -284,6 +289,8 @@ def run_peer(args) -> dict:
         torch.set_num_threads(args.threads)
     if args.linear != "auto":
         cpu_matmul.set_path(args.linear)
+    if args.gelu != "auto":
+        cpu_gelu.set_path(args.gelu)
     load_before = os.getloadavg()
     rows = []
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -316,7 +323,7 @@ def run_peer(args) -> dict:
             raise ConfigError(f"--models: unknown {m!r}; valid: m2, m3, navit")
     return {"bench": "peer", "peer": PEER, "peer_version": peer_version(), "device": str(device),
             "rounds": args.rounds, "warmup": args.warmup, "load_avg_before": load_before,
-            "ours_cpu_linear": cpu_matmul.path(), "malloc": malloc,
+            "ours_cpu_linear": cpu_matmul.path(), "ours_cpu_gelu": cpu_gelu.path(), "malloc": malloc,
             "load_avg_after": os.getloadavg(), "hardware": hardware(), "rows": rows,
             "command": "python -m harness.bench_peer " + " ".join(args.argv)}
 
@@ -330,6 +337,7 @@ def render_peer(r: dict) -> str:
              f"{hw.get('gpu', 'no GPU')}; device `{r['device']}`",
              f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}; our "
              f"fp32 CPU Linear path: `{r.get('ours_cpu_linear', '?')}` (theirs: torch's `F.linear`); "
+             f"our tanh-GELU path: `{r.get('ours_cpu_gelu', '?')}` (theirs: torch's kernel); "
              f"malloc: `{r.get('malloc', '?')}` for both (harness/metrics/cpu_malloc.py)",
              f"- load average (1/5/15 min) before: {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}, after: "
              f"{lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}",
@@ -473,6 +481,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--linear", default="auto", choices=("auto", "onednn", "aten"),
                    help="our fp32 CPU Linear path (auto: harness.metrics.cpu_matmul's rule for this CPU)")
+    p.add_argument("--gelu", default="auto", choices=("auto", "fused", "aten"),
+                   help="our tanh-GELU path (auto: harness.metrics.cpu_gelu's rule)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.add_argument("--out", default=None, help="also write a Markdown report here and its JSON beside it")

@@ -167,6 +167,8 @@ def test_peer_models_match_parameter_counts():
         ours, theirs, _ = bp.vivit_pair(model, frames=4, image=16, tubelet=(2, 8, 8), dim=32,
                                         heads=2, depth=2, temporal_depth=1, classes=5, device=dev)
         assert bp.n_params(ours) == bp.n_params(theirs)
+        acts = [m for m in theirs.modules() if isinstance(m, torch.nn.GELU)]
+        assert acts and all(m.approximate == "tanh" for m in acts)  # ours: tanh-GELU too
         x = torch.randn(2, 3, 4, 16, 16)
         assert theirs(x).shape == ours(x).shape == (2, 5)
     ours, theirs, _ = bp.navit_pair(dim=32, heads=2, depth=2, patch=4, max_size=16, seq_len=16,
