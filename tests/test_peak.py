@@ -122,3 +122,8 @@ def test_probed_steps_take_the_faster_probe_on_either_side():
                                      steps=3, probe=lambda: next(probes))
     assert len(steps) == 5 and len(times) == 3
     assert rates == [5.0, 3.0, 3.0]  # max(5, 1), max(1, 3), max(3, 2)
+
+
+def test_drift_reports_one_rate_per_window():
+    rates = peak.drift(0.05, "cpu", size=64, window=0.01)
+    assert len(rates) >= 3 and all(r > 0 and math.isfinite(r) for r in rates)

@@ -1,6 +1,7 @@
 """The machine's dense matmul peak, measured in this process, and MFU against it.
 
     python -m harness.metrics.peak [--device cpu] [--sizes 2048 3072] [--json]
+    python -m harness.metrics.peak --drift 30     # how steady is this machine's speed?
 
 Peak: square GEMMs (M = N = K = s) at a few large sizes, warm-up calls, then timed repeats
 (device-synchronised); the best rate over sizes, repeats and matmul paths is the peak: the
@@ -321,6 +322,27 @@ def add_mfu(record: dict, device: torch.device | str, bf16: bool = False,
     return out
 
 
+def drift(seconds: float, device: torch.device | str = "cpu", size: int = 2048, impl: str = "mm",
+          window: float = 1.0) -> list[float]:
+    """fp32 GEMM rate (real flop/s) in each ``window`` of a ``seconds``-long loop of ``size``^3
+    GEMMs: how steady this machine's speed is (a VM sharing its host is not)."""
+    device = torch.device(device)
+    call = _gemm_call(size, torch.float32, device, impl)
+    call()
+    _sync(device)
+    rates, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0, n = time.perf_counter(), 0
+        while True:
+            call()
+            _sync(device)
+            n += 1
+            if time.perf_counter() - t0 >= window:
+                break
+        rates.append(2 * size ** 3 * n / (time.perf_counter() - t0))
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.metrics.peak",
                                 description="dense GEMM peak of this machine (fp32, bf16)")
@@ -329,9 +351,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--drift", type=float, default=0.0, metavar="SECONDS",
+                   help="instead: time fp32 GEMMs (torch.mm, the largest --sizes) back to back "
+                        "for SECONDS and print the rate of each second (how steady the machine is)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.drift:
+        size = max(args.sizes or [2048])
+        rates = [r / 1e12 for r in drift(args.drift, args.device, size)]
+        if args.json:
+            print(json.dumps({"drift_fp32_tflops": rates, "size": size}))
+            return 0
+        print(f"fp32 {size}^3 GEMMs (torch.mm) back to back for {args.drift:g} s on {args.device}, "
+              f"{torch.get_num_threads()} threads; TFLOP/s per second:")
+        print("  " + " ".join(f"{r:.3f}" for r in rates))
+        print(f"  min {min(rates):.3f}  median {statistics.median(rates):.3f}  max {max(rates):.3f}"
+              f"  (max / min {max(rates) / min(rates):.2f})")
+        return 0
     r = measure_peak(args.device, args.sizes, repeats=args.repeats)
     if args.json:
         print(json.dumps(r))
