@@ -144,7 +144,8 @@ def cmd_bench(args) -> int:
 
 ARMS = {"eager": "the model as built (fp32)",
         "compile": "torch.compile(model)",
-        "bf16": "bf16 autocast"}
+        "bf16": "bf16 autocast",
+        "aten-gelu": "fp32, tanh-GELU on torch's own kernel (HARNESS_CPU_GELU=aten)"}
 
 
 def parse_arms(text: str) -> list[str]:
@@ -154,6 +155,17 @@ def parse_arms(text: str) -> list[str]:
         raise ConfigError(f"--alternate {text!r}: give two or more distinct arms, comma-separated, "
                           f"from: {', '.join(ARMS)}" + (f" (unknown: {', '.join(bad)})" if bad else ""))
     return arms
+
+
+def with_gelu_path(path: str, step):
+    """``step`` run with the tanh-GELU path ``path`` in force (restored after)."""
+    def run():
+        old = cpu_gelu.set_path(path)
+        try:
+            step()
+        finally:
+            cpu_gelu.set_path(old)
+    return run
 
 
 def bench_alternate(args, specs, overrides: dict, device) -> int:
@@ -181,7 +193,9 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
         steps = {}
         for arm in arms:
             run = torch.compile(model) if arm == "compile" else model
-            steps[arm] = make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16")
+            steps[arm] = with_gelu_path("aten" if arm == "aten-gelu" else cpu_gelu.path(),
+                                        make_train_step(model, run, inputs, optim, device,
+                                                        bf16=arm == "bf16"))
         times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True)
         base = statistics.median(times[arms[0]])
         rec = {"name": spec.name, "device": str(device), "batch_size": args.batch_size,

@@ -106,7 +106,30 @@ def test_bench_alternate_times_each_arm_in_rounds(capsys):
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager"]) == 2
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager,turbo"]) == 2
     err = capsys.readouterr().err
-    assert "unknown: turbo" in err and "compile" in err
+    assert "unknown: turbo" in err and "compile" in err and "aten-gelu" in err
+    assert cli.main(["bench", "dit-s/8", "--alternate", "eager,bf16", "--mfu"]) == 2
+
+
+def test_bench_alternate_gelu_arm_runs_torchs_kernel_and_restores_the_path(capsys):
+    from harness.metrics import cpu_gelu
+    before, seen = cpu_gelu.path(), []
+    cli.with_gelu_path("aten", lambda: seen.append(cpu_gelu.path()))()
+    assert seen == ["aten"] and cpu_gelu.path() == before
+    args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
+            "--steps", "2", "--rounds", "2", "--warmup", "0", "--alternate", "eager,aten-gelu"]
+    assert cli.main(args) == 0
+    assert "aten-gelu" in capsys.readouterr().out and cpu_gelu.path() == before
+
+
+def test_bench_mfu_prints_fixed_and_paired_mfu(capsys):
+    args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
+            "--steps", "2", "--warmup", "1", "--mfu", "--json"]
+    assert cli.main(args) == 0
+    rec = json.loads(capsys.readouterr().out)[0]
+    for k in ("train_mfu", "train_mfu_paired", "infer_mfu_paired", "mfu_peak_tflops"):
+        assert rec[k] > 0, k
+    assert len(rec["train_step_s"]) == len(rec["train_probe_flops"]) == 2
+    assert cli.main(["bench", "dit-s/8", "--mfu", "--flops-only"]) == 2
 
 
 def test_alternate_takes_the_arms_in_turn():
