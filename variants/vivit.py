@@ -39,7 +39,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.registry import Variant, register
 
-from .common import Attention, Block, Mlp, attention, tanh_gelu
+from .common import Attention, Block, Mlp, attention, linear, tanh_gelu
 
 MODEL_NAMES = {1: "spatio_temporal", 2: "factorised_encoder", 3: "factorised_self_attention",
                4: "factorised_dot_product"}
@@ -344,8 +344,21 @@ class ViViT(Variant):
         nn.init.zeros_(self.head.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, T, H, W) -> (N, nt*nh*nw, D) tokens, time-major."""
-        return self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, nt*ns, D)
+        """(N, C, T, H, W) -> (N, nt*nh*nw, D) tokens, time-major, contiguous.
+
+        The Conv3d's own map (its weight and bias; kernel = stride in space, and in time for
+        tubelets), computed as patches times the flattened kernel: one GEMM, and tokens
+        already in (N, L, D) order.  The convolution would leave them as a transposed view of
+        (N, D, L), a layout that every later residual add keeps and every LayerNorm copies."""
+        conv = self.patch_embed
+        kt, kh, kw = conv.kernel_size
+        if conv.stride[0] != kt:  # "frames": kernel 1 in time, stride k: frames 0, k, 2k, ...
+            x = x[:, :, ::conv.stride[0]]
+        N, C, T, H, W = x.shape
+        nt, nh, nw = T // kt, H // kh, W // kw
+        patches = (x.reshape(N, C, nt, kt, nh, kh, nw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+                   .reshape(N, nt * nh * nw, C * kt * kh * kw))  # (N, L, C*t*h*w), time-major
+        return linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)  # (N, L, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x)  # (N, nt*ns, D)
