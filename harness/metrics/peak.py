@@ -205,10 +205,16 @@ def gemm_probe(peak: dict, device: torch.device | str, bf16: bool, repeats: int 
     of ``repeats`` GEMMs at the dtype, size and matmul path of the measured peak that is
     MFU's denominator (``peak_for``).  Timed next to each step (``measure_speed(probe=)``),
     it gives the paired MFU: a shared or throttling machine whose speed drifts by tens of
-    % within a minute slows the steps and the probes alike.  None without a measured peak."""
+    % within a minute slows the steps and the probes alike.  None without a measured peak,
+    and for bf16 on a CPU: there the bf16 GEMM rate (AMX on Intel) jumps between two levels
+    (seen on a 2-core Xeon: ~1.1 and ~0.4 TFLOP/s, for seconds at a time, while fp32 GEMMs
+    did not), and a bf16-autocast step, half fp32 element-wise work, does not follow it,
+    so a probe would flatter the step."""
     if not peak:
         return None
     _, which = peak_for(peak, device, bf16)
+    if which == "bf16" and torch.device(device).type == "cpu":
+        return None
     size, impl = peak.get(f"peak_{which}_size"), peak.get(f"peak_{which}_impl")
     if size is None or impl is None:
         return None
