@@ -74,11 +74,12 @@ def cmd_bench(args) -> int:
     from . import registry
     from .metrics.flops import FLOP_CONVENTION, build_uninitialised, flops_of
     from .metrics.peak import add_mfu, cached_peak, gemm_probe
-    from .metrics.speed import SpeedOptions, measure_speed
+    from .metrics.speed import SpeedOptions, check_attention, measure_speed
     from .sweep import resolve_device
 
     overrides = parse_sets(args.set)
     device = resolve_device(args.device)
+    check_attention(args.attention, device, args.bf16)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.ops < 0:
         raise ConfigError("--batch-size and --steps must be >= 1, --warmup and --ops >= 0")
     if (args.ops or args.mfu) and args.flops_only:
@@ -98,7 +99,8 @@ def cmd_bench(args) -> int:
         if not args.flops_only:
             model, _ = registry.build(spec.name, overrides, seed=0)
             opts = SpeedOptions(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
-                                bf16=args.bf16, compile=args.compile, profile_ops=args.ops)
+                                bf16=args.bf16, compile=args.compile, profile_ops=args.ops,
+                                attention=args.attention)
             # --mfu: the peak first (for the probes timed next to each step), then once more
             probe = gemm_probe(cached_peak(device), device, args.bf16) if args.mfu else None
             rec.update(measure_speed(model, opts, device, probe=probe))
@@ -126,7 +128,7 @@ def cmd_bench(args) -> int:
             r = records[0]
             print(f"Speed: device {r['device']}, batch {args.batch_size}, {args.warmup} warm-up + "
                   f"{args.steps} timed steps, median step; train = fwd + bwd + AdamW; "
-                  f"peak memory from {r['peak_mem_source']}.")
+                  f"attention kernel {r['attention']}; peak memory from {r['peak_mem_source']}.")
             if args.mfu:
                 print(f"MFU: 3 (train) or 1 (infer) x fwd MACs x 2 x samples/s / peak flop/s, peak = "
                       f"the best dense {r['mfu_peak']} GEMM measured in this process "
@@ -145,7 +147,8 @@ def cmd_bench(args) -> int:
 ARMS = {"eager": "the model as built (fp32)",
         "compile": "torch.compile(model)",
         "bf16": "bf16 autocast",
-        "aten-gelu": "fp32, tanh-GELU on torch's own kernel (HARNESS_CPU_GELU=aten)"}
+        "aten-gelu": "fp32, tanh-GELU on torch's own kernel (HARNESS_CPU_GELU=aten)",
+        "math-attn": "fp32, attention on SDPA's unfused math kernel"}
 
 
 def parse_arms(text: str) -> list[str]:
@@ -193,9 +196,10 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
         steps = {}
         for arm in arms:
             run = torch.compile(model) if arm == "compile" else model
+            attention = "math" if arm == "math-attn" else args.attention
             steps[arm] = with_gelu_path("aten" if arm == "aten-gelu" else cpu_gelu.path(),
                                         make_train_step(model, run, inputs, optim, device,
-                                                        bf16=arm == "bf16"))
+                                                        bf16=arm == "bf16", attention=attention))
         times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True)
         base = statistics.median(times[arms[0]])
         rec = {"name": spec.name, "device": str(device), "batch_size": args.batch_size,
@@ -305,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
     b.add_argument("--bf16", action="store_true", help="bf16 autocast")
     b.add_argument("--compile", action="store_true", help="torch.compile")
+    b.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+                   help="SDPA kernel (auto: torch's pick, the fused flash kernel where it serves; "
+                        "efficient / cudnn: CUDA only; math: the unfused reference)")
     b.add_argument("--flops-only", action="store_true")
     b.add_argument("--ops", type=int, default=0, metavar="N",
                    help="then profile N more train steps (torch.profiler) and print where the time goes")

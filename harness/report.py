@@ -66,7 +66,9 @@ def speed_environment(trials: pd.DataFrame, study_peaks: dict | None = None) -> 
                      + " TFLOP/s), the same denominator for every cell; MLflow's per-trial `train_mfu` "
                      "divides by the best peak its own process had measured by then")
     for tag, label in (("tags.bench.mfu_peak", "MFU denominator"), ("tags.bench.mfu_rule", "MFU rule"),
-                       ("tags.bench.malloc", "malloc"), ("tags.bench.peak_mem_source", "peak memory from")):
+                       ("tags.bench.malloc", "malloc"), ("tags.bench.attention", "attention kernel (SDPA)"),
+                       ("tags.bench.compile", "torch.compile"), ("tags.bench.channels_last", "channels-last"),
+                       ("tags.bench.peak_mem_source", "peak memory from")):
         if tag in trials and trials[tag].notna().any():
             lines.append(f"- {label}: {', '.join(sorted(set(trials[tag].dropna().astype(str))))}")
     col = "metrics.other_cpu_cores"

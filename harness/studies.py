@@ -582,7 +582,7 @@ def resolve_trial(study: Study, cell: dict, seed: int, search_values: dict | Non
             model_over[key[6:] if key.startswith("model.") else key] = v
     task_cls = get_task(study.task)
     data_spec = get_dataset(study.data)
-    task_opts = registry.make_config(task_cls.Options, task_over, where="task.options")
+    task_opts = make_task_options(study, task_over)
     data_opts = registry.make_config(data_spec.options_cls, data_over, where="data.options")
     if check_paths is not None:
         check_option_paths(task_opts, "task.options", check_paths)
@@ -599,6 +599,17 @@ def resolve_trial(study: Study, cell: dict, seed: int, search_values: dict | Non
     model_cfg = spec.config(**model_over)
     return ResolvedTrial(variant, model_over, model_cfg, task_opts, data_opts, seed, cell,
                          cell_id(cell))
+
+
+def make_task_options(study: Study, task_over: dict) -> Any:
+    """The task's typed options from the study's plus a cell's overrides (validated)."""
+    return registry.make_config(get_task(study.task).Options, task_over, where="task.options")
+
+
+def cell_task_options(study: Study, cell: dict) -> Any:
+    """A cell's task options alone (no data, no model): the study's, with the cell's task.* keys."""
+    over = {**study.task_options, **{k[5:]: v for k, v in cell.items() if k.startswith("task.")}}
+    return make_task_options(study, over)
 
 
 def data_info(name: str, options: Any, cache: dict | None = None) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
-from .errors import ConfigError, DivergedError, HarnessError, StorageError, TrialFailed
+from .errors import ConfigError, DivergedError, HarnessError, StorageError, StudyError, TrialFailed
 from .studies import Study, load_study, resolve_trial
 from .tracking import RUN_STATUS, Tracker, default_tracking_uri, environment_tags, mask_url, terminate_run
 
@@ -489,6 +489,7 @@ class Runner:
         if key not in self.data_cache:
             self.data_cache[key] = build_dataset(s.data, resolved.data_options)
         data = self.data_cache[key]
+        task.check_device(resolved.task_options, self.device)
         task.check(resolved.task_options, resolved.model_cfg, data)
 
         t0 = time.perf_counter()
@@ -595,7 +596,20 @@ def prepare(study_path, profile, storage, tracking_uri, runs_dir, device) -> tup
     tracking = check_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                   or default_tracking_uri(runs_dir))
     dev = resolve_device(device or study.device)
+    check_cells_on_device(study, dev)
     return study, storage_url, tracking, runs_dir, dev
+
+
+def check_cells_on_device(study, device: str) -> None:
+    """Every cell's task options against the device the trials will run on (no compute)."""
+    from .studies import cell_id, cell_task_options
+    from .tasks.base import get_task
+    task = get_task(study.task)()
+    for cell in study.cells():
+        try:
+            task.check_device(cell_task_options(study, cell), device)
+        except ConfigError as e:
+            raise StudyError(f"{study.path}: cell {cell_id(cell)} on device {device}: {e}") from None
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -17,7 +17,7 @@ from harness.tasks.base import Budget, TrialContext, get_task
 from .conftest import run_cli
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-SPEED_STUDIES = ["speed_dit.yaml", "speed_vivit.yaml", "speed_packing.yaml"]
+SPEED_STUDIES = ["speed_dit.yaml", "speed_vivit.yaml", "speed_packing.yaml", "speed_paths.yaml"]
 TINY_DIT = {"depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": 8, "num_classes": 10}
 
 
@@ -58,6 +58,7 @@ def test_benchmark_task_times_a_tiny_dit_and_reports_finite_metrics(tmp_path):
     assert out["train_paired_peak_tflops"] <= out["peak_fp32_tflops"] * 1.5
     assert "probed" in tags["bench.mfu_paired_rule"]
     assert tags["bench.cpu_gelu"] in ("aten", "fused")
+    assert tags["bench.attention"] == "auto"
 
 
 def test_benchmark_peak_override_and_no_peak(tmp_path):
@@ -113,7 +114,7 @@ def test_bad_benchmark_options_are_refused():
     task = get_task("benchmark")()
     from harness.errors import ConfigError
     for bad in ({"steps": 0}, {"peak_tflops": -1.0}, {"train": False, "infer": False},
-                {"inputs": "disk"}, {"peak_sizes": [8]}):
+                {"inputs": "disk"}, {"peak_sizes": [8]}, {"attention": "xformers"}):
         with pytest.raises(ConfigError):
             registry.make_config(task.Options, bad)
 
@@ -123,6 +124,61 @@ def test_channels_last_keeps_the_numbers_of_a_conv_model():
     out = measure_speed(model, SpeedOptions(batch_size=2, warmup=0, steps=1, channels_last=True))
     assert out["channels_last"] is True and out["train_samples_per_s"] > 0
     assert model.x_embedder.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def sdpa_ops_under(backend: str) -> set[str]:
+    """The aten SDPA ops one attention call dispatches to under ``attention_backend``."""
+    from harness.metrics.speed import attention_backend
+    q = torch.randn(2, 2, 16, 8, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with attention_backend(backend):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+def test_attention_backend_forces_the_sdpa_kernel_on_cpu():
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in sdpa_ops_under("auto")
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in sdpa_ops_under("flash")
+    math_ops = sdpa_ops_under("math")
+    assert "aten::_scaled_dot_product_attention_math" in math_ops
+    assert not any("flash" in op for op in math_ops)
+
+
+def test_attention_option_times_the_math_kernel_and_tags_it(tmp_path):
+    task, ctx, _, tags = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
+                                  {"batch_size": 2, "warmup": 0, "steps": 1, "measure_peak": False,
+                                   "attention": "math"})
+    out = task.run(ctx)
+    assert out["train_samples_per_s"] > 0 and tags["bench.attention"] == "math"
+
+
+def test_attention_backends_the_device_lacks_are_refused():
+    from harness.errors import ConfigError
+    from harness.metrics.speed import ATTENTION_BACKENDS, check_attention
+    for name in ("efficient", "cudnn"):
+        with pytest.raises(ConfigError, match="CUDA kernel; on cpu valid: auto, flash, math"):
+            check_attention(name, "cpu", bf16=False)
+    with pytest.raises(ConfigError, match="16-bit inputs; set bf16 true"):
+        check_attention("flash", "cuda", bf16=False)
+    check_attention("efficient", "cuda", bf16=False)  # fp32 is fine for the efficient kernel
+    with pytest.raises(ConfigError, match="valid: auto, flash, efficient, cudnn, math"):
+        check_attention("xformers", "cpu", bf16=False)
+    from harness.cli import build_parser
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    choices = next(a.choices for a in bench._actions if a.dest == "attention")
+    assert tuple(choices) == tuple(ATTENTION_BACKENDS)
+
+
+def test_a_study_asking_a_cuda_attention_kernel_on_cpu_stops_before_any_store(tmp_path):
+    import yaml
+    raw = yaml.safe_load((STUDIES / "speed_dit.yaml").read_text())
+    raw["name"] = "speed_attention_test"
+    raw["profiles"]["smoke"]["sweep"]["task.attention"] = ["flash", "efficient"]
+    path = tmp_path / "speed_attention_test.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    runs = tmp_path / "runs"
+    assert run_cli("run", path, "--profile", "smoke", "--device", "cpu", "--runs-dir", runs) == 2
+    assert not runs.exists()
 
 
 @pytest.mark.parametrize("name", SPEED_STUDIES)

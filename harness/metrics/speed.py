@@ -9,6 +9,11 @@ timed ones (sampling the timed steps would slow them);
 ``peak_mem_source`` says which.  CPU timings run with the malloc settings of
 ``harness.metrics.cpu_malloc`` (applied by ``measure_speed``; ``HARNESS_MALLOC=system``
 keeps glibc's defaults) and record the mode as ``malloc``.
+
+``attention`` picks the kernel behind every ``F.scaled_dot_product_attention`` call while
+timing (``ATTENTION_BACKENDS``): ``auto`` lets torch choose (the fused flash kernel
+wherever it serves the call), the others force one backend, ``math`` being the unfused
+reference.  ``check_attention`` refuses a backend the device does not have before any work.
 """
 from __future__ import annotations
 
@@ -22,7 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from . import cpu_malloc
+
+# harness name -> torch.nn.attention.SDPBackend member
+ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                      "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+CPU_ATTENTION = ("auto", "flash", "math")  # torch's CPU SDPA has a flash kernel and the math path
 
 
 @dataclass
@@ -37,6 +48,7 @@ class SpeedOptions:
     infer: bool = True       # time forward under inference_mode
     seed: int = 0
     profile_ops: int = 0     # then this many more train steps under torch.profiler (0: none)
+    attention: str = "auto"  # SDPA backend while timing: auto | flash | efficient | cudnn | math
 
 
 def sync(device: torch.device) -> None:
@@ -231,14 +243,47 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def make_train_step(model: nn.Module, run, inputs: tuple, optim, device: torch.device, bf16: bool):
+def check_attention(name: str, device: str | torch.device, bf16: bool) -> None:
+    """ConfigError unless the SDPA backend ``name`` exists for this device, dtype and torch."""
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention {name!r}: valid: {', '.join(ATTENTION_BACKENDS)}")
+    kind = torch.device(device).type
+    if kind == "cpu" and name not in CPU_ATTENTION:
+        raise ConfigError(f"attention {name!r} is a CUDA kernel; on cpu valid: {', '.join(CPU_ATTENTION)}")
+    if kind == "cuda" and name in ("flash", "cudnn") and not bf16:
+        raise ConfigError(f"attention {name!r} on cuda runs only 16-bit inputs; set bf16 true, or "
+                          f"use attention auto, efficient or math")
+    member = ATTENTION_BACKENDS[name]
+    if member is not None:
+        try:
+            from torch.nn.attention import SDPBackend
+        except ImportError:
+            raise ConfigError(f"attention {name!r} needs torch.nn.attention (torch >= 2.3); "
+                              f"this torch is {torch.__version__}: use attention auto") from None
+        if not hasattr(SDPBackend, member):
+            raise ConfigError(f"attention {name!r}: torch {torch.__version__} has no SDPBackend."
+                              f"{member}; use attention auto")
+
+
+def attention_backend(name: str):
+    """A context in which SDPA uses only the backend ``name`` (``auto``: torch's choice)."""
+    member = ATTENTION_BACKENDS[name]
+    if member is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(getattr(SDPBackend, member))
+
+
+def make_train_step(model: nn.Module, run, inputs: tuple, optim, device: torch.device, bf16: bool,
+                    attention: str = "auto"):
     """One train step: forward through ``run`` (the model, or its compiled form), the
-    model's ``bench_loss``, backward, optimiser step."""
+    model's ``bench_loss``, backward, optimiser step; SDPA on the backend ``attention``."""
     def train_step():
         optim.zero_grad(set_to_none=True)
-        with autocast(device, bf16):
-            loss = model.bench_loss(run(*inputs))
-        loss.backward()
+        with attention_backend(attention):
+            with autocast(device, bf16):
+                loss = model.bench_loss(run(*inputs))
+            loss.backward()
         optim.step()
     return train_step
 
@@ -255,6 +300,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
     timed step) for ``peak.paired_mfu``."""
     opts = opts or SpeedOptions()
     device = torch.device(device)
+    check_attention(opts.attention, device, opts.bf16)
     if device.type == "cpu":
         cpu_malloc.tune()
     model = model.to(device)
@@ -268,14 +314,14 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         inputs = tuple(to_channels_last(x) for x in inputs)
     run = torch.compile(model) if opts.compile else model
     out: dict = {"batch_size": opts.batch_size, "bf16": opts.bf16, "compile": opts.compile,
-                 "channels_last": opts.channels_last,
+                 "channels_last": opts.channels_last, "attention": opts.attention,
                  "malloc": cpu_malloc.mode() if device.type == "cpu" else "",
                  "device": str(device), "timed_steps": opts.steps, "warmup_steps": opts.warmup}
     peaks = []
     if opts.train:
         model.train()
         optim = adamw(model.parameters(), device)
-        train_step = make_train_step(model, run, inputs, optim, device, opts.bf16)
+        train_step = make_train_step(model, run, inputs, optim, device, opts.bf16, opts.attention)
         times, mem, rates = time_and_memory(train_step, device, opts.warmup, opts.steps, probe)
         out.update(summarise("train", times, opts.batch_size, model.tokens_per_sample()))
         if rates:
@@ -289,7 +335,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         model.eval()
 
         def infer_step():
-            with torch.inference_mode(), autocast(device, opts.bf16):
+            with torch.inference_mode(), attention_backend(opts.attention), autocast(device, opts.bf16):
                 run(*inputs)
 
         times, mem, rates = time_and_memory(infer_step, device, opts.warmup, opts.steps, probe)

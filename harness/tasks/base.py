@@ -69,6 +69,10 @@ class Task:
     def check(self, options: Any, model_cfg: Any, data: Any) -> None:
         """Refuse combinations that cannot work (raise ConfigError) before any compute."""
 
+    def check_device(self, options: Any, device: str) -> None:
+        """Refuse options the resolved device cannot run (raise ConfigError); called for
+        every cell before any store is opened, and again before each trial."""
+
     def model_overrides(self, options: Any, data_info: dict, config_fields: set[str]) -> dict:
         """Config fields implied by the data (num_classes, in_channels, input_size, ...)."""
         keys = ("num_classes", "in_channels", "input_size", "num_frames")

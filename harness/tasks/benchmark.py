@@ -42,6 +42,8 @@ class BenchmarkOptions:
     bf16: bool = False               # bf16 autocast (MFU then against the bf16 peak)
     compile: bool = False            # torch.compile the model (inductor; CPU needs a C++ compiler)
     channels_last: bool = False      # conv weights and 4-D/5-D inputs channels-last
+    attention: str = "auto"          # SDPA kernel: auto (torch's pick: flash where it serves) |
+                                     # flash | efficient | cudnn (CUDA) | math (unfused)
     threads: int = 0                 # torch CPU threads for this trial (0: leave as is)
     train: bool = True               # time train steps
     infer: bool = True               # time inference
@@ -52,6 +54,9 @@ class BenchmarkOptions:
     def validate(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
             raise ConfigError("batch_size and steps must be >= 1, warmup >= 0")
+        from ..metrics.speed import ATTENTION_BACKENDS
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention {self.attention!r}: valid: {', '.join(ATTENTION_BACKENDS)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if not (self.train or self.infer):
@@ -110,6 +115,10 @@ class BenchmarkTask(Task):
     def speed_batch_size(self, options) -> int:
         return options.batch_size
 
+    def check_device(self, options: BenchmarkOptions, device: str) -> None:
+        from ..metrics.speed import check_attention
+        check_attention(options.attention, device, options.bf16)
+
     def check(self, options: BenchmarkOptions, model_cfg, data) -> None:
         if options.compile:
             from torch._dynamo import is_dynamo_supported
@@ -145,7 +154,7 @@ class BenchmarkTask(Task):
             with OtherLoad() as other:  # what other processes took from the cores meanwhile
                 speed = measure_speed(ctx.model, SpeedOptions(
                     batch_size=o.batch_size, warmup=o.warmup, steps=o.steps, bf16=o.bf16,
-                    compile=o.compile, channels_last=o.channels_last, train=o.train,
+                    compile=o.compile, channels_last=o.channels_last, attention=o.attention, train=o.train,
                     infer=o.infer, seed=ctx.seed), device, inputs, probe=probe)
             peak = cached_peak(device, o.peak_sizes, refresh=True) if measured else {}
             threads = torch.get_num_threads()
@@ -162,7 +171,7 @@ class BenchmarkTask(Task):
             out["other_cpu_cores"] = other.cores  # > 0.2 or so on a small machine: noisy timing
         out.update({k: float(v) for k, v in peak.items() if k.endswith(("_tflops", "_tmacs"))})
         tags = {"bench.inputs": o.inputs, "bench.bf16": str(o.bf16).lower(), "bench.compile": str(o.compile).lower(),
-                "bench.channels_last": str(o.channels_last).lower(),
+                "bench.channels_last": str(o.channels_last).lower(), "bench.attention": o.attention,
                 "bench.threads": str(threads), "bench.batch_size": str(o.batch_size),
                 "bench.peak_mem_source": str(speed.get("peak_mem_source", "")),
                 "bench.malloc": str(speed.get("malloc", "")),
