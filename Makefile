@@ -17,7 +17,7 @@ PIP := $(PY) -m pip
 QUIET_PIP := grep -v -e "is ignored: it is neither" -e "^$$" || true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test demo bench-deps reports clean
+.PHONY: install test demo bench-deps speed-reports gpu-target clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -42,6 +42,33 @@ demo: install
 bench-deps: install
 	$(PIP) install -q --no-deps "vit-pytorch>=1.7" 2>&1 | $(QUIET_PIP)
 	$(PIP) install -q einops 2>&1 | $(QUIET_PIP)
+
+# Every speed report of docs/speed.md, re-measured on this machine (reports/<study>-<PROFILE><SUFFIX>/):
+#   make speed-reports                                  CPU: about 70 minutes on 2 idle cores
+#   make speed-reports PROFILE=gpu SUFFIX=-h100         on a GPU (the gpu profiles, bf16)
+#   make gpu-target SUFFIX=-h100                        the GPU checks alone, in minutes: DiT-B/2
+#       bf16 training MFU against the card's measured bf16 peak, and NaViT packing vs padding
+PROFILE ?= cpu
+SUFFIX ?=
+SPEED_STUDIES ?= speed_dit speed_vivit speed_packing speed_paths
+H := $(VENV)/bin/harness
+
+# $(call studies,NAMES,PROFILE): run each study (resumable) and render its report
+studies = for s in $(1); do \
+	  $(H) run studies/$$s.yaml --profile $(2) --runs-dir runs/$$s-$(2)$(SUFFIX) --quiet && \
+	  $(H) report studies/$$s.yaml --profile $(2) --runs-dir runs/$$s-$(2)$(SUFFIX) \
+	    --out reports/$$s-$(2)$(SUFFIX) || exit 1; done
+
+speed-reports: bench-deps
+	$(call studies,$(SPEED_STUDIES),$(PROFILE))
+	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --out reports/packing_bench-$(PROFILE)$(SUFFIX)/README.md
+	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --skew 4 --out reports/packing_bench-$(PROFILE)$(SUFFIX)-skew4/README.md
+	$(PY) -m harness.bench_peer --rounds 9 --out reports/peer_vit_pytorch$(SUFFIX)/README.md
+	$(PY) -m harness.bench_peer overhead --seconds 60 --out reports/overhead$(SUFFIX)/README.md
+
+gpu-target: install
+	$(call studies,speed_dit,gpu-target)
+	$(call studies,speed_packing,gpu)
 
 clean:
 	rm -rf runs .pytest_cache
