@@ -163,11 +163,8 @@ def parse_arms(text: str) -> list[str]:
 def with_gelu_path(path: str, step):
     """``step`` run with the tanh-GELU path ``path`` in force (restored after)."""
     def run():
-        old = cpu_gelu.set_path(path)
-        try:
+        with cpu_gelu.using_path(path):
             step()
-        finally:
-            cpu_gelu.set_path(old)
     return run
 
 

@@ -69,6 +69,11 @@ def set_path(name: str) -> str:
     return _choice.set(name)
 
 
+def using_path(name: str):
+    """A context with the path ``name`` in force, the previous one restored after."""
+    return _choice.using(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.metrics.cpu_gelu``: time both paths, forward and backward."""
     import argparse

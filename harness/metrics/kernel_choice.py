@@ -3,6 +3,7 @@ environment variable overrides a default rule, checked before any work; ``set`` 
 (benchmarks that compare paths); the path in force is recorded with every trial."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -46,3 +47,12 @@ class KernelChoice:
             raise ConfigError(f"{self.label} {name!r}: {why}")
         old, self._path = self.get(), name
         return old
+
+    @contextlib.contextmanager
+    def using(self, name: str):
+        """``name`` in force inside the block, the previous path restored after."""
+        old = self.set(name)
+        try:
+            yield
+        finally:
+            self._path = old

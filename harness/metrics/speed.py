@@ -243,10 +243,15 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def check_attention(name: str, device: str | torch.device, bf16: bool) -> None:
-    """ConfigError unless the SDPA backend ``name`` exists for this device, dtype and torch."""
+def check_attention_name(name: str) -> None:
+    """ConfigError unless ``name`` is one of ``ATTENTION_BACKENDS`` (any device)."""
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention {name!r}: valid: {', '.join(ATTENTION_BACKENDS)}")
+
+
+def check_attention(name: str, device: str | torch.device, bf16: bool) -> None:
+    """ConfigError unless the SDPA backend ``name`` exists for this device, dtype and torch."""
+    check_attention_name(name)
     kind = torch.device(device).type
     if kind == "cpu" and name not in CPU_ATTENTION:
         raise ConfigError(f"attention {name!r} is a CUDA kernel; on cpu valid: {', '.join(CPU_ATTENTION)}")

@@ -54,9 +54,8 @@ class BenchmarkOptions:
     def validate(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
             raise ConfigError("batch_size and steps must be >= 1, warmup >= 0")
-        from ..metrics.speed import ATTENTION_BACKENDS
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ConfigError(f"attention {self.attention!r}: valid: {', '.join(ATTENTION_BACKENDS)}")
+        from ..metrics.speed import check_attention_name
+        check_attention_name(self.attention)
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if not (self.train or self.infer):
