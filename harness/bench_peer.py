@@ -43,6 +43,7 @@ from torch import nn
 from .metrics import cpu_gelu, cpu_malloc, cpu_matmul
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate
+from .tracking import cpu_model
 
 PEER = "vit-pytorch"
 
@@ -268,13 +269,7 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
 
 
 def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    out = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if torch.cuda.is_available():

@@ -41,3 +41,18 @@ def test_overhead_report_breaks_a_real_trial_down(tmp_path):
     assert 0 <= r["overhead_frac"] < 1
     assert r["task_bookkeeping_s"] > 0  # the task logged to MLflow: counted as overhead, not task
     assert "target <= 5%" in out.read_text()
+
+
+def test_cpu_identity_names_family_and_model():
+    """A VM may call two CPU generations "AMD EPYC"; the recorded identity tells them apart."""
+    from pathlib import Path
+
+    from harness.tracking import cpu_model, device_name
+    info = Path("/proc/cpuinfo")
+    if not info.exists() or "cpu family" not in info.read_text():
+        pytest.skip("no x86 /proc/cpuinfo here")
+    first = info.read_text().split("\n\n")[0]
+    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in first.splitlines())}
+    assert cpu_model() == f"{fields['model name']}, family {fields['cpu family']} model {fields['model']}"
+    assert device_name("cpu").startswith(cpu_model() + " (")
+    assert bench_peer.hardware()["cpu"] == cpu_model()
