@@ -56,3 +56,14 @@ def test_cpu_identity_names_family_and_model():
     assert cpu_model() == f"{fields['model name']}, family {fields['cpu family']} model {fields['model']}"
     assert device_name("cpu").startswith(cpu_model() + " (")
     assert bench_peer.hardware()["cpu"] == cpu_model()
+
+
+def test_linear_path_comparison_times_all_three_matmuls():
+    from harness.metrics import cpu_matmul
+    if not cpu_matmul.onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    (row,) = cpu_matmul.compare_paths(64, [(32, 48)], reps=1)
+    assert (row["rows"], row["in"], row["out"]) == (64, 32, 48)
+    for k in ("fwd", "dgrad", "wgrad"):
+        for side in ("onednn", "mm"):
+            assert math.isfinite(row[f"{k}_{side}"]) and row[f"{k}_{side}"] > 0
