@@ -58,7 +58,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _mm_onednn(gy, weight.t().contiguous())  # (M, N) @ (N, K) -> (M, K)
+            gx = _mm_onednn(gy, weight.t())  # (M, N) @ (N, K) -> (M, K); oneDNN reads w^T in place
         if ctx.needs_input_grad[1]:
             gw = _weight_grad(gy, x)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -95,7 +95,7 @@ def _compile_op():
         a, b = ctx.saved_tensors
         gb = gy.sum(0) if ctx.has_bias else None
         gw = _weight_grad(gy, a, mm=lambda p, q: op(p, q, None))
-        return op(gy, b.t().contiguous(), None), gw, gb
+        return op(gy, b.t(), None), gw, gb
 
     op.register_autograd(backward, setup_context=setup_context)
     return op
