@@ -67,3 +67,11 @@ def test_linear_path_comparison_times_all_three_matmuls():
     for k in ("fwd", "dgrad", "wgrad"):
         for side in ("onednn", "mm"):
             assert math.isfinite(row[f"{k}_{side}"]) and row[f"{k}_{side}"] > 0
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "384x"], ["--shapes", "0x384"], ["--rows", "0"]])
+def test_linear_path_comparison_refuses_bad_shapes_before_timing(argv, capsys):
+    from harness.metrics import cpu_matmul
+    with pytest.raises(SystemExit) as e:
+        cpu_matmul.main(argv)
+    assert e.value.code == 2 and ("--shapes" in capsys.readouterr().err or "--rows" in argv)

@@ -35,6 +35,12 @@ def _mm_onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = Non
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
+def _input_grad(gy: torch.Tensor, weight: torch.Tensor, mm=None) -> torch.Tensor:
+    """gy (M, N) @ weight (N, K) -> (M, K).  oneDNN reads the transposed weight in place:
+    a contiguous copy of it cost more than it saved (docs/speed.md, Zen 4 section)."""
+    return (mm or _mm_onednn)(gy, weight.t())
+
+
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor, mm=None) -> torch.Tensor:
     """gy (M, N)^T @ x (M, K) -> (N, K).  oneDNN takes both operands transposed; the wider
     one goes second (measured, DiT-S shapes at 4096 rows: 10-20% faster for N > K)."""
@@ -58,7 +64,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _mm_onednn(gy, weight.t())  # (M, N) @ (N, K) -> (M, K); oneDNN reads w^T in place
+            gx = _input_grad(gy, weight)  # (M, K)
         if ctx.needs_input_grad[1]:
             gw = _weight_grad(gy, x)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -94,8 +100,8 @@ def _compile_op():
     def backward(ctx, gy):
         a, b = ctx.saved_tensors
         gb = gy.sum(0) if ctx.has_bias else None
-        gw = _weight_grad(gy, a, mm=lambda p, q: op(p, q, None))
-        return op(gy, b.t(), None), gw, gb
+        mm = lambda p, q: op(p, q, None)  # noqa: E731
+        return _input_grad(gy, b, mm=mm), _weight_grad(gy, a, mm=mm), gb
 
     op.register_autograd(backward, setup_context=setup_context)
     return op

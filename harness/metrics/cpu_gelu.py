@@ -77,13 +77,14 @@ def using_path(name: str):
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.metrics.cpu_gelu``: time both paths, forward and backward."""
     import argparse
-    import statistics
     import time
 
     import torch
     import torch.nn.functional as F
 
     from variants.common import fused_gelu_tanh_kernels
+
+    from .speed import median_seconds
     p = argparse.ArgumentParser(prog="python -m harness.metrics.cpu_gelu",
                                 description="tanh-GELU on fp32 CPU: torch's kernel vs the fused one")
     p.add_argument("--shape", type=int, nargs="+", default=[4096, 1536],
@@ -98,13 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_s = time.perf_counter() - t0
 
     def median_ms(fn) -> float:
-        fn()
-        ts = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts) * 1e3
+        return median_seconds(fn, args.repeats) * 1e3
 
     rows = {"aten": (lambda: F.gelu(x, approximate="tanh"),
                      lambda: torch.ops.aten.gelu_backward(g, x, approximate="tanh")),

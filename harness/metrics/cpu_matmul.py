@@ -80,56 +80,63 @@ def set_path(name: str) -> str:
 
 def compare_paths(rows: int, shapes, reps: int = 15) -> list[dict]:
     """GFLOP/s of one Linear's three fp32 matmuls (forward, input gradient, weight gradient)
-    on oneDNN (as ``variants.common.linear`` runs them, transposed copies included) and on
-    torch's own ``mm`` (MKL on x86), per (in, out) shape at ``rows`` rows."""
-    import time
-
+    on oneDNN, exactly as ``variants.common``'s Linear runs them (transposed copies
+    included), and on torch's own ``mm`` (MKL on x86), per (in, out) shape at ``rows`` rows."""
     import torch
-    op = torch.ops.mkldnn._linear_pointwise
 
-    def onednn(a, b):
-        return op(a, b, None, "none", [], "")
+    from variants.common import _input_grad, _mm_onednn, _weight_grad
 
-    def median_s(fn):
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[reps // 2]
-
+    from .speed import median_seconds
     out = []
     for k, n in shapes:
         x, gy, w = torch.randn(rows, k), torch.randn(rows, n), torch.randn(n, k)
-        wgrad = ((lambda: onednn(gy.t(), x.t())) if n < k
-                 else (lambda: onednn(x.t(), gy.t()).t().contiguous()))
-        arms = {"fwd": (lambda: onednn(x, w), lambda: x @ w.t()),
-                "dgrad": (lambda: onednn(gy, w.t().contiguous()), lambda: gy @ w),
-                "wgrad": (wgrad, lambda: gy.t() @ x)}
+        arms = {"fwd": (lambda: _mm_onednn(x, w), lambda: x @ w.t()),
+                "dgrad": (lambda: _input_grad(gy, w), lambda: gy @ w),
+                "wgrad": (lambda: _weight_grad(gy, x), lambda: gy.t() @ x)}
         flop = 2 * rows * k * n
         row = {"rows": rows, "in": k, "out": n}
         for name, (a, b) in arms.items():
-            row[f"{name}_onednn"] = flop / median_s(a) / 1e9
-            row[f"{name}_mm"] = flop / median_s(b) / 1e9
+            row[f"{name}_onednn"] = flop / median_seconds(a, reps, warmup=3) / 1e9
+            row[f"{name}_mm"] = flop / median_seconds(b, reps, warmup=3) / 1e9
         out.append(row)
     return out
 
 
-if __name__ == "__main__":
+def _shape(text: str) -> tuple[int, int]:
     import argparse
-    p = argparse.ArgumentParser(description="fp32 Linear matmuls on oneDNN vs torch.mm, GFLOP/s "
+    try:
+        k, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want IN x OUT features, e.g. 384x1152") from None
+    if k < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: features must be >= 1")
+    return k, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.metrics.cpu_matmul``: both paths per Linear shape."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m harness.metrics.cpu_matmul",
+                                description="fp32 Linear matmuls on oneDNN vs torch.mm, GFLOP/s "
                                 "per shape (forward, input gradient, weight gradient)")
-    p.add_argument("--rows", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--shapes", nargs="+", default=["384x1152", "384x384", "384x1536", "1536x384"],
-                   help="IN x OUT features (default: the ViT-S / DiT-S Linears)")
-    a = p.parse_args()
+    p.add_argument("--rows", type=int, nargs="+", default=[1024, 4096], help="rows (tokens x batch)")
+    p.add_argument("--shapes", nargs="+", type=_shape, metavar="INxOUT",
+                   default=[(384, 1152), (384, 384), (384, 1536), (1536, 384)],
+                   help="IN x OUT features, e.g. 384x1152 (default: the ViT-S / DiT-S Linears)")
+    a = p.parse_args(argv)
+    if min(a.rows) < 1:
+        p.error(f"--rows must be >= 1, got {a.rows}")
     if not onednn_available():
         raise SystemExit("oneDNN is not available in this torch build")
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
+    shapes = a.shapes
     print(f"fp32 GFLOP/s, oneDNN / torch.mm, median of 15; CPU vendor {cpu_vendor()}")
     for m in a.rows:
         for r in compare_paths(m, shapes):
             print(f"rows {m:5d}  {r['in']:5d} -> {r['out']:5d}:  " + "   ".join(
                 f"{k} {r[k + '_onednn']:4.0f} / {r[k + '_mm']:4.0f}" for k in ("fwd", "dgrad", "wgrad")))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
