@@ -79,6 +79,7 @@ def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
     r = _default_path_in_subprocess(None)
     assert r.returncode == 0, r.stderr
     rule = ("onednn" if cpu_matmul.cpu_vendor() not in ("GenuineIntel", "")
+            and "avx512f" in cpu_matmul.cpu_flags()
             and cpu_matmul.onednn_available() and os.uname().machine == "x86_64" else "aten")
     assert r.stdout.strip() == rule
     assert _default_path_in_subprocess("aten").stdout.strip() == "aten"
@@ -86,6 +87,27 @@ def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
     assert bad.returncode != 0 and "HARNESS_CPU_LINEAR='mkl'" in bad.stderr and "aten, onednn" in bad.stderr
     with pytest.raises(ConfigError, match="must be one of aten, onednn"):
         cpu_matmul.set_path("blas")
+
+
+@pytest.mark.parametrize("vendor,flags,want", [
+    ("AuthenticAMD", {"avx2", "avx512f"}, "onednn"),   # Zen 4 / Zen 5
+    ("AuthenticAMD", {"avx2"}, "aten"),                # Zen 3: MKL's AVX2 kernels win
+    ("GenuineIntel", {"avx2", "avx512f"}, "aten"),     # MKL runs AVX-512 on Intel
+    ("", set(), "aten"),                               # no /proc/cpuinfo
+])
+def test_cpu_linear_rule_table(monkeypatch, vendor, flags, want):
+    if os.uname().machine != "x86_64" or not cpu_matmul.onednn_available():
+        pytest.skip("the rule only picks oneDNN on x86 builds that have it")
+    monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_matmul, "cpu_flags", lambda: frozenset(flags))
+    assert cpu_matmul._rule() == want
+
+
+def test_cpu_flags_reads_proc_cpuinfo():
+    flags = cpu_matmul.cpu_flags()
+    if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
+        assert "sse2" in flags    # every x86-64 CPU has it
+    assert isinstance(flags, frozenset)
 
 
 def test_harness_cli_rejects_a_bad_cpu_linear_before_any_work(tmp_path):

@@ -2,17 +2,22 @@
 
 torch has two on CPU: ``F.linear`` / ``torch.mm`` go to its BLAS (MKL), and oneDNN ships
 inside the same build.  Which is faster depends on the CPU's vendor, because MKL picks its
-code path by vendor:
+code path by vendor, and on whether the CPU has AVX-512:
 
-- **AMD**: MKL takes an AVX2 path, about half of what AVX-512 cores do; oneDNN runs AVX-512.
-  Measured on an AMD EPYC (Zen 5), 2 cores: oneDNN 1.5-2.3x faster per DiT-S linear.
+- **AMD with AVX-512** (Zen 4, Zen 5): MKL takes an AVX2 path, about half of what these
+  cores do; oneDNN runs AVX-512.  Measured on an AMD EPYC (Zen 5), 2 cores: oneDNN 1.5-2.3x
+  faster per DiT-S linear; on a Zen 4, 1.27x at the GEMM peak.
+- **AMD without AVX-512** (Zen 3 and older): both run AVX2, and MKL's kernels are the
+  better ones.  Measured on an AMD EPYC (Zen 3, family 25 model 1), 2 cores, at DiT-S shapes:
+  MKL 128-168 GFLOP/s against oneDNN 71-146, furthest ahead on the two gradients; a DiT-S/2
+  training step ran 3.33 samples/s with MKL, 2.72 with oneDNN (docs/speed.md).
 - **Intel**: MKL runs AVX-512 and is the faster one.  Measured on an Intel Xeon with
   AVX-512 / AMX, 2 cores, at DiT-S shapes (4096 rows): MKL 0.43-0.45 TFLOP/s forward and
   input gradient, 0.36-0.39 weight gradient; oneDNN 0.39-0.42 and 0.19-0.31.  A DiT-S/2
   training step: 7.3 samples/s with MKL, 6.0 with oneDNN (docs/speed.md).
 
-So the default is ``onednn`` on non-Intel x86 CPUs (where the build has oneDNN) and
-``aten`` (torch's own ``F.linear``) elsewhere: a fixed rule, not a per-process timing, so
+So the default is ``onednn`` on non-Intel x86 CPUs with AVX-512 (where the build has
+oneDNN) and ``aten`` (torch's own ``F.linear``) elsewhere: a fixed rule, not a per-process timing, so
 the same machine always runs the same kernels.  ``HARNESS_CPU_LINEAR=aten|onednn``
 overrides it; every benchmark trial records the path in force as a tag.  The engine only
 holds the setting; ``variants.common.Linear`` obeys it.  CUDA, autocast and other dtypes
@@ -42,6 +47,20 @@ def cpu_vendor() -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """``/proc/cpuinfo``'s feature flags of the first CPU (``avx2``, ``avx512f``, ...), or
+    an empty set where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def onednn_available() -> bool:
     import torch
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -49,7 +68,8 @@ def onednn_available() -> bool:
 
 def _rule() -> str:
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if x86 and cpu_vendor() not in ("GenuineIntel", "") and onednn_available():
+    if (x86 and cpu_vendor() not in ("GenuineIntel", "") and "avx512f" in cpu_flags()
+            and onednn_available()):
         return "onednn"
     return "aten"
 
@@ -129,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if not onednn_available():
         raise SystemExit("oneDNN is not available in this torch build")
     shapes = a.shapes
-    print(f"fp32 GFLOP/s, oneDNN / torch.mm, median of 15; CPU vendor {cpu_vendor()}")
+    avx512 = "with" if "avx512f" in cpu_flags() else "without"
+    print(f"fp32 GFLOP/s, oneDNN / torch.mm, median of 15; CPU vendor {cpu_vendor()}, {avx512} "
+          f"AVX-512; default path {default_path()}")
     for m in a.rows:
         for r in compare_paths(m, shapes):
             print(f"rows {m:5d}  {r['in']:5d} -> {r['out']:5d}:  " + "   ".join(
