@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from harness import registry
 from harness.data.varres import sample_sizes
 from harness.errors import ConfigError
-from harness.metrics.flops import flops_of
+from harness.metrics.flops import count_flops, flops_of
 from variants.navit import (CPU_PACK_ATTENTION, MAX_DROP_RATE, NaViT, drop_rates, drop_tokens,
                             flops_split, keep_count, pack_first_fit, pack_next_fit,
                             sample_resolution)
@@ -74,6 +74,44 @@ def test_attention_paths_agree_and_cpu_default_is_recorded():
     torch.testing.assert_close(outs["dense_mask"], outs["grouped"], atol=1e-5, rtol=0)
     assert build().tags()["attn_path"] == CPU_PACK_ATTENTION
     assert build(batching="pad").tags()["attn_path"] == "sdpa_key_padding"
+
+
+def test_bucket_runs_merges_only_when_padding_costs_less_than_a_call():
+    from variants.navit import bucket_runs
+    runs = [(4, 3), (6, 1), (9, 2), (64, 1), (70, 1)]
+    assert bucket_runs(runs, 0) == [[r] for r in runs]  # no call cost: one call per length
+    # 3 images padded 4 -> 6: 3 * (36 - 16) = 60 < 100; then 4 images 6 -> 9: 4 * 45 = 180 >= 100
+    assert bucket_runs(runs, 100) == [[(4, 3), (6, 1)], [(9, 2)], [(64, 1)], [(70, 1)]]
+    # 1 * (70^2 - 64^2) = 804 < 1000: the two large images share a call too
+    assert bucket_runs(runs, 1000) == [[(4, 3), (6, 1), (9, 2)], [(64, 1), (70, 1)]]
+    assert sum(bucket_runs(runs, 1e9), []) == runs  # order and runs kept, one bucket
+    assert bucket_runs([], 100) == []
+
+
+@pytest.mark.parametrize("cost", [0, 4096, 1e9])
+def test_bucketed_grouped_attention_is_exact_forward_and_backward(monkeypatch, cost):
+    """Merged buckets (key mask, gather / scatter) give the one-call-per-length result and
+    the same gradients; cost 1e9 puts every image into one padded call."""
+    import variants.navit as navit
+    imgs = images(16)
+    model = build(attn_impl="grouped").train()
+    grads, outs = {}, {}
+    for c in (0, cost):
+        monkeypatch.setattr(navit, "GROUP_CALL_COST", c)
+        model.zero_grad()
+        out = model(imgs)
+        out.square().sum().backward()
+        outs[c] = out.detach()
+        grads[c] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(outs[cost], outs[0], atol=1e-5, rtol=0)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[cost][n], g, atol=1e-4, rtol=1e-4, msg=n)
+    # the trace for FLOP counting ignores buckets (their padded attention is not the
+    # model's work): the same count at any cost
+    monkeypatch.setattr(navit, "GROUP_CALL_COST", cost)
+    with_cost = count_flops(model, (imgs,))
+    monkeypatch.setattr(navit, "GROUP_CALL_COST", 0)
+    assert count_flops(model, (imgs,))["gflops_attn_fwd"] == with_cost["gflops_attn_fwd"] > 0
 
 
 def test_gradients_flow_through_the_packed_path():
