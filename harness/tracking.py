@@ -7,6 +7,7 @@ code at a tracking server.  URLs are never logged with their passwords.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -60,18 +61,26 @@ def git_sha() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, with its family and model numbers: a VM may
-    report only "AMD EPYC", and two generations under that name differ 2x in GEMM speed."""
+@functools.lru_cache(maxsize=1)
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (``model name``, ``vendor_id``,
+    ``flags``, ...), read once per process; empty where there is no such file."""
+    info: dict[str, str] = {}
     try:
-        info = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if not line.strip():
                 break  # the first processor is enough
             key, _, value = line.partition(":")
             info.setdefault(key.strip(), value.strip())
     except OSError:
-        return platform.processor() or platform.machine() or "cpu"
+        pass
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, with its family and model numbers: a VM may
+    report only "AMD EPYC", and two generations under that name differ 2x in GEMM speed."""
+    info = cpuinfo()
     name = info.get("model name") or platform.processor() or platform.machine() or "cpu"
     if "cpu family" in info and "model" in info:
         name += f", family {info['cpu family']} model {info['model']}"

@@ -313,9 +313,8 @@ class AttnContext:
     mask: torch.Tensor | None = None            # boolean, broadcastable to (B, H, L, L)
     segments: list[list[tuple[int, int]]] = field(default_factory=list)  # loop: (start, n) per row
     block_mask: object = None                   # flex: BlockMask from document ids
-    groups: list[tuple[int, int]] = field(default_factory=list)  # grouped: (tokens n, images m)
-    tail: int = 0                               # grouped: padding rows after the real tokens
     buckets: list["Bucket"] = field(default_factory=list)  # grouped: one SDPA call each
+    tail: int = 0                               # grouped: padding rows after the real tokens
 
 
 def row_context(layout: Layout, doc: torch.Tensor, path: str) -> AttnContext:
@@ -420,7 +419,7 @@ def make_buckets(groups: Sequence[tuple[int, int]], call_cost: float,
         lengths = np.repeat([n for n, _ in runs], [m for _, m in runs])  # (m_all,)
         slot = np.arange(n_max)[None, :]                                  # (1, n_max)
         real = slot < lengths[:, None]                                    # (m_all, n_max)
-        first = np.concatenate([[0], np.cumsum(lengths)[:-1]])[:, None]   # first row per image
+        first = _offsets(lengths)[:, None]                                # first row per image
         gather = np.where(real, first + slot, 0)  # padding slots read row 0: masked as keys,
         scatter = np.flatnonzero(real)            # dropped as queries
         out.append(Bucket(rows, n_max, m_all, index_tensor(gather.reshape(-1), device),
@@ -708,8 +707,7 @@ class NaViT(Variant):
             x = torch.cat([x, x.new_zeros(lay.padded, D)])[None]  # (1, B*L, D)
             # FLOP counting traces one call per length: the model's work, without bucket padding
             cost = 0 if torch.jit.is_tracing() else GROUP_CALL_COST
-            ctx = AttnContext("grouped", groups=groups, tail=lay.padded,
-                              buckets=make_buckets(groups, cost, device))
+            ctx = AttnContext("grouped", buckets=make_buckets(groups, cost, device), tail=lay.padded)
             for block in self.blocks:
                 x = block(x, ctx)  # (1, B*L, D)
             pooled = self.pool.grouped(self.norm(x[0]), groups)  # (N, D), sorted order

@@ -25,40 +25,24 @@ always take ``F.linear``.
 """
 from __future__ import annotations
 
-import functools
 import platform
 
+from ..tracking import cpuinfo
 from .kernel_choice import KernelChoice
 
 CHOICES = ("aten", "onednn")
 ENV = "HARNESS_CPU_LINEAR"
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """``/proc/cpuinfo``'s vendor_id (``GenuineIntel``, ``AuthenticAMD``, ...), or ''."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo().get("vendor_id", "")
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """``/proc/cpuinfo``'s feature flags of the first CPU (``avx2``, ``avx512f``, ...), or
     an empty set where there is no such file."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset(cpuinfo().get("flags", "").split())
 
 
 def onednn_available() -> bool:
@@ -100,8 +84,7 @@ def set_path(name: str) -> str:
 
 def compare_paths(rows: int, shapes, reps: int = 15) -> list[dict]:
     """GFLOP/s of one Linear's three fp32 matmuls (forward, input gradient, weight gradient)
-    on oneDNN, exactly as ``variants.common``'s Linear runs them (transposed copies
-    included), and on torch's own ``mm`` (MKL on x86), per (in, out) shape at ``rows`` rows."""
+    on oneDNN, exactly as ``variants.common``'s Linear runs them, and on torch's own ``mm`` (MKL on x86), per (in, out) shape at ``rows`` rows."""
     import torch
 
     from variants.common import _input_grad, _mm_onednn, _weight_grad
