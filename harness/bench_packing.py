@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import cpu_malloc
-from .metrics.speed import alternate
+from .metrics.speed import alternate, set_threads
 
 
 def make_batch(n: int, in_channels: int, min_size: int, max_size: int, step: int, skew: float,
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     torch.manual_seed(args.seed)
     overrides = {"input_size": args.max_size, "max_seq_len": args.max_seq_len,
                  "max_grid": args.max_size // args.patch_size, "patch_size": args.patch_size,

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import cpu_gelu, cpu_malloc, cpu_matmul
+from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
 from .metrics.peak import OtherLoad
-from .metrics.speed import adamw, alternate
+from .metrics.speed import adamw, alternate, set_threads
 from .tracking import cpu_model
 
 PEER = "vit-pytorch"
@@ -281,11 +281,13 @@ def run_peer(args) -> dict:
     device = torch.device(args.device)
     malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     if args.linear != "auto":
         cpu_matmul.set_path(args.linear)
     if args.gelu != "auto":
         cpu_gelu.set_path(args.gelu)
+    if args.attn != "auto":
+        cpu_attention.set_path(args.attn)
     load_before = os.getloadavg()
     rows = []
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -318,7 +320,8 @@ def run_peer(args) -> dict:
             raise ConfigError(f"--models: unknown {m!r}; valid: m2, m3, navit")
     return {"bench": "peer", "peer": PEER, "peer_version": peer_version(), "device": str(device),
             "rounds": args.rounds, "warmup": args.warmup, "load_avg_before": load_before,
-            "ours_cpu_linear": cpu_matmul.path(), "ours_cpu_gelu": cpu_gelu.path(), "malloc": malloc,
+            "ours_cpu_linear": cpu_matmul.path(), "ours_cpu_gelu": cpu_gelu.path(),
+            "ours_cpu_attention": cpu_attention.path(), "malloc": malloc,
             "load_avg_after": os.getloadavg(), "hardware": hardware(), "rows": rows,
             "command": "python -m harness.bench_peer " + " ".join(args.argv)}
 
@@ -333,6 +336,8 @@ def render_peer(r: dict) -> str:
              f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}; our "
              f"fp32 CPU Linear path: `{r.get('ours_cpu_linear', '?')}` (theirs: torch's `F.linear`); "
              f"our tanh-GELU path: `{r.get('ours_cpu_gelu', '?')}` (theirs: torch's kernel); "
+             f"our CPU attention path: `{r.get('ours_cpu_attention', 'sdpa')}` (theirs: "
+             "`F.scaled_dot_product_attention`); "
              f"malloc: `{r.get('malloc', '?')}` for both (harness/metrics/cpu_malloc.py)",
              f"- load average (1/5/15 min) before: {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}, after: "
              f"{lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}",
@@ -478,6 +483,9 @@ def parser() -> argparse.ArgumentParser:
                    help="our fp32 CPU Linear path (auto: harness.metrics.cpu_matmul's rule for this CPU)")
     p.add_argument("--gelu", default="auto", choices=("auto", "fused", "aten"),
                    help="our tanh-GELU path (auto: harness.metrics.cpu_gelu's rule)")
+    p.add_argument("--attn", default="auto", choices=("auto", "matmul", "sdpa"),
+                   help="our CPU attention path for short sequences (auto: "
+                        "harness.metrics.cpu_attention's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.add_argument("--out", default=None, help="also write a Markdown report here and its JSON beside it")

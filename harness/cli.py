@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from .errors import ConfigError, HarnessError
-from .metrics import cpu_gelu, cpu_malloc, cpu_matmul
+from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
 
 
 def parse_sets(items: Sequence[str] | None) -> dict:
@@ -148,6 +148,7 @@ ARMS = {"eager": "the model as built (fp32)",
         "compile": "torch.compile(model)",
         "bf16": "bf16 autocast",
         "aten-gelu": "fp32, tanh-GELU on torch's own kernel (HARNESS_CPU_GELU=aten)",
+        "sdpa-attn": "fp32, every attention call through SDPA (HARNESS_CPU_ATTENTION=sdpa)",
         "math-attn": "fp32, attention on SDPA's unfused math kernel"}
 
 
@@ -160,10 +161,11 @@ def parse_arms(text: str) -> list[str]:
     return arms
 
 
-def with_gelu_path(path: str, step):
-    """``step`` run with the tanh-GELU path ``path`` in force (restored after)."""
+def with_kernel_paths(step, gelu: str, attention: str):
+    """``step`` run with the tanh-GELU path ``gelu`` and the CPU attention path ``attention``
+    in force (both restored after)."""
     def run():
-        with cpu_gelu.using_path(path):
+        with cpu_gelu.using_path(gelu), cpu_attention.using_path(attention):
             step()
     return run
 
@@ -194,9 +196,11 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
         for arm in arms:
             run = torch.compile(model) if arm == "compile" else model
             attention = "math" if arm == "math-attn" else args.attention
-            steps[arm] = with_gelu_path("aten" if arm == "aten-gelu" else cpu_gelu.path(),
-                                        make_train_step(model, run, inputs, optim, device,
-                                                        bf16=arm == "bf16", attention=attention))
+            steps[arm] = with_kernel_paths(
+                make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16",
+                                attention=attention),
+                gelu="aten" if arm == "aten-gelu" else cpu_gelu.path(),
+                attention="sdpa" if arm == "sdpa-attn" else cpu_attention.path())
         times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True)
         base = statistics.median(times[arms[0]])
         rec = {"name": spec.name, "device": str(device), "batch_size": args.batch_size,
@@ -232,8 +236,8 @@ def set_threads(n: int | None) -> None:
         return
     if not 1 <= n <= (os.cpu_count() or 1) * 4:
         raise ConfigError(f"--threads {n}: valid 1..{(os.cpu_count() or 1) * 4}")
-    import torch
-    torch.set_num_threads(n)
+    from .metrics.speed import set_threads as set_torch_threads
+    set_torch_threads(n)
 
 
 def cmd_run(args) -> int:
@@ -381,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cpu_matmul.path()  # a bad HARNESS_CPU_LINEAR fails here, before any compute
         cpu_gelu.path()    # and a bad HARNESS_CPU_GELU
+        cpu_attention.path()  # and a bad HARNESS_CPU_ATTENTION
         if argv and argv[0] == "bench-packing":
             return cmd_bench_packing(None, argv[1:])
         if argv and argv[0] == "bench-peer":

@@ -85,6 +85,30 @@ def test_benchmark_threads_option_is_restored(tmp_path):
     assert torch.get_num_threads() == before
 
 
+def test_benchmark_leaves_torchs_threads_alone_unless_asked(tmp_path, monkeypatch):
+    """torch.set_num_threads, even to the count in force, slows the CPU flash-attention
+    kernel's small calls for the rest of the process; a trial without ``threads`` must not
+    call it (the calls are recorded, and still made)."""
+    calls, real = [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
+    task, ctx, _, tags = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
+                                  {"batch_size": 1, "warmup": 0, "steps": 1,
+                                   "measure_peak": False, "infer": False})
+    out = task.run(ctx)
+    assert calls == [] and out["threads"] == torch.get_num_threads()
+    task, ctx, _, _ = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
+                               {"batch_size": 1, "warmup": 0, "steps": 1, "measure_peak": False,
+                                "infer": False, "threads": torch.get_num_threads()})
+    task.run(ctx)
+    assert calls == []  # the count already in force: nothing to set
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    task, ctx, _, _ = make_ctx(tmp_path, "dit-s/2", TINY_DIT,
+                               {"batch_size": 1, "warmup": 0, "steps": 1, "measure_peak": False,
+                                "infer": False, "threads": other})
+    assert task.run(ctx)["threads"] == other and calls == [other, before]
+
+
 def test_benchmark_keeps_the_models_defaults_unless_timing_data():
     task = get_task("benchmark")()
     fields = set(registry.config_fields(registry.get("dit-s/2").config_cls))

@@ -110,15 +110,19 @@ def test_bench_alternate_times_each_arm_in_rounds(capsys):
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager,bf16", "--mfu"]) == 2
 
 
-def test_bench_alternate_gelu_arm_runs_torchs_kernel_and_restores_the_path(capsys):
-    from harness.metrics import cpu_gelu
-    before, seen = cpu_gelu.path(), []
-    cli.with_gelu_path("aten", lambda: seen.append(cpu_gelu.path()))()
-    assert seen == ["aten"] and cpu_gelu.path() == before
+def test_bench_alternate_kernel_arms_run_their_paths_and_restore_them(capsys):
+    from harness.metrics import cpu_attention, cpu_gelu
+    before, seen = (cpu_gelu.path(), cpu_attention.path()), []
+    cli.with_kernel_paths(lambda: seen.append((cpu_gelu.path(), cpu_attention.path())),
+                          gelu="aten", attention="sdpa")()
+    assert seen == [("aten", "sdpa")] and (cpu_gelu.path(), cpu_attention.path()) == before
     args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
-            "--steps", "2", "--rounds", "2", "--warmup", "0", "--alternate", "eager,aten-gelu"]
+            "--steps", "2", "--rounds", "2", "--warmup", "0", "--alternate",
+            "eager,aten-gelu,sdpa-attn"]
     assert cli.main(args) == 0
-    assert "aten-gelu" in capsys.readouterr().out and cpu_gelu.path() == before
+    out = capsys.readouterr().out
+    assert "aten-gelu" in out and "sdpa-attn" in out
+    assert (cpu_gelu.path(), cpu_attention.path()) == before
 
 
 def test_bench_mfu_prints_fixed_and_paired_mfu(capsys):

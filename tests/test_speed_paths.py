@@ -1,6 +1,7 @@
 """The fast paths give the numbers of the plain ones: oneDNN linears (eager and compiled),
 the CPU linear path's rule and override, the fused tanh-GELU (values, gradients, fallback,
-override), DiT's fused adaLN ops, and the CPU malloc settings / memory counter."""
+override), DiT's fused adaLN ops, the CPU malloc settings / memory counter, and the short CPU
+attention path (values, gradients, when it applies, FLOP counting, override)."""
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.metrics import cpu_gelu, cpu_malloc, cpu_matmul
+from harness.metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
 from harness.metrics.speed import SpeedOptions, measure_speed
 from variants import common
 from variants.dit import gated, modulate
@@ -281,4 +282,140 @@ def test_harness_cli_rejects_a_bad_cpu_gelu_before_any_work(tmp_path):
                        env=env, capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode != 0 and "HARNESS_CPU_GELU='fast'" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------ short CPU attention
+
+@pytest.fixture
+def attn_path():
+    """Set the CPU attention path for one test, restored after."""
+    olds = []
+    yield lambda name: olds.append(cpu_attention.set_path(name))
+    if olds:
+        cpu_attention.set_path(olds[0])
+
+
+def _grads(fn, q, k, v, g):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), g))
+
+
+def _qkv(B, H, Lq, Lk, D, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, Lq, D, generator=gen), torch.randn(B, H, Lk, D, generator=gen),
+            torch.randn(B, H, Lk, D, generator=gen), torch.randn(B, H, Lq, D, generator=gen))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool_keys", "bool_full_rows", "additive"])
+@pytest.mark.parametrize("lq,lk", [(16, 16), (8, 8), (24, 3), (1, 48)])
+def test_matmul_attention_equals_sdpa_values_and_gradients(mask_kind, lq, lk):
+    q, k, v, g = _qkv(2, 3, lq, lk, 16)
+    gen = torch.Generator().manual_seed(1)
+    mask = None
+    if mask_kind == "bool_keys":  # NaViT's bucket masks: (B, 1, 1, Lk), True = a real key
+        mask = torch.rand(2, 1, 1, lk, generator=gen) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "bool_full_rows":  # some query rows may attend to nothing: zeros
+        mask = torch.rand(2, 1, lq, lk, generator=gen) > 0.5
+        mask[:, :, 0] = False
+    elif mask_kind == "additive":
+        mask = torch.randn(1, 3, lq, lk, generator=gen)
+    ours = _grads(lambda q, k, v: common.matmul_attention(q, k, v, mask), q, k, v, g)
+    ref = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), q, k, v, g)
+    for a, b in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if mask_kind == "bool_full_rows":
+        assert (ours[0][:, :, 0] == 0).all()
+
+
+def _sdpa_calls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if "scaled_dot_product" in e.key)
+
+
+def test_attention_takes_the_matmul_path_only_for_short_fp32_cpu_calls(attn_path):
+    attn_path("matmul")
+    b = -(-cpu_attention.MATMUL_MIN_ROWS // (3 * 16))  # just enough query rows
+    short = _qkv(b, 3, 16, cpu_attention.MATMUL_MAX_KEYS, 8)[:3]
+    long = _qkv(b, 3, 16, cpu_attention.MATMUL_MAX_KEYS + 1, 8)[:3]
+    small = _qkv(b - 1, 3, 16, cpu_attention.MATMUL_MAX_KEYS, 8)[:3]
+    assert common._use_matmul_attention(short[0], short[1])
+    assert _sdpa_calls(lambda: common.attention(*short)) == 0
+    assert _sdpa_calls(lambda: common.attention(*long)) > 0  # long: SDPA's flash kernel
+    assert _sdpa_calls(lambda: common.attention(*small)) > 0  # too few rows: one flash call
+    bf16 = [t.bfloat16() for t in short]
+    assert not common._use_matmul_attention(bf16[0], bf16[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not common._use_matmul_attention(short[0], short[1])
+    from harness.metrics.speed import attention_backend
+    with attention_backend("math"):  # a forced SDPA backend takes every call
+        assert _sdpa_calls(lambda: common.attention(*short)) > 0
+    assert cpu_attention.path() == "matmul"
+    attn_path("sdpa")
+    assert _sdpa_calls(lambda: common.attention(*short)) > 0
+
+
+def test_flop_counting_traces_sdpa_on_the_matmul_path(attn_path):
+    """FLOPs are counted on SDPA (its attention FLOPs), whichever kernel runs."""
+    from harness import registry
+    from harness.metrics.flops import flops_of
+    cfg = {"model": 3, "num_frames": 4, "input_size": 16, "hidden_size": 32, "num_heads": 2,
+           "depth": 1, "tubelet_size": [2, 8, 8], "num_classes": 5}
+    model, _ = registry.build("vivit-s", cfg, seed=0)
+    counts = {}
+    for name in ("sdpa", "matmul"):
+        attn_path(name)
+        counts[name] = flops_of(model)
+    assert counts["sdpa"] == counts["matmul"]
+
+
+def test_vivit_models_give_the_same_outputs_and_gradients_on_both_paths(attn_path, monkeypatch):
+    from harness import registry
+    calls = []
+    real = common.matmul_attention
+    monkeypatch.setattr(common, "matmul_attention", lambda *a: (calls.append(1), real(*a))[1])
+    for m in (2, 3, 4):  # batch 32: 4096 query rows in the spatial calls
+        cfg = {"model": m, "num_frames": 8, "input_size": 32, "hidden_size": 16, "num_heads": 4,
+               "depth": 1, "temporal_layers": 1, "tubelet_size": [2, 8, 8], "num_classes": 5}
+        model, _ = registry.build("vivit-s", cfg, seed=0)
+        x = torch.randn(32, 3, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+        res = {}
+        for name in ("sdpa", "matmul"):
+            attn_path(name)
+            calls.clear()
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            out.square().sum().backward()
+            res[name] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+            assert bool(calls) == (name == "matmul"), (m, name)
+        torch.testing.assert_close(res["sdpa"][0], res["matmul"][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(res["sdpa"][1], res["matmul"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _attn_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != cpu_attention.ENV}
+    if env_value is not None:
+        env[cpu_attention.ENV] = env_value
+    return subprocess.run([sys.executable, "-c", "from harness.metrics import cpu_attention; "
+                           "print(cpu_attention.path())"], env=env, capture_output=True, text=True)
+
+
+def test_cpu_attention_default_env_override_and_cli_check(tmp_path):
+    assert _attn_path_in_subprocess(None).stdout.strip() == "matmul"
+    assert _attn_path_in_subprocess("sdpa").stdout.strip() == "sdpa"
+    bad = _attn_path_in_subprocess("flash")
+    assert bad.returncode != 0 and "HARNESS_CPU_ATTENTION='flash'" in bad.stderr
+    with pytest.raises(ConfigError, match="must be one of sdpa, matmul"):
+        cpu_attention.set_path("fast")
+    env = {**os.environ, cpu_attention.ENV: "flash"}
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "studies/vit_digits.yaml",
+                        "--profile", "smoke", "--runs-dir", str(tmp_path / "runs")],
+                       env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode != 0 and "HARNESS_CPU_ATTENTION='flash'" in r.stderr
     assert not (tmp_path / "runs").exists()

@@ -2,8 +2,10 @@
 layers as arguments, and fixed sin-cos position embeddings.
 
 Attention always goes through ``attention()`` (``F.scaled_dot_product_attention``:
-fused/flash kernels where the backend has them).  ``harness.metrics.flops`` counts
-that op, so attention FLOPs are never silently dropped.
+fused/flash kernels where the backend has them; short fp32 CPU sequences, where the flash
+kernel is slow, as matmuls around a softmax: ``harness.metrics.cpu_attention``).  FLOP
+counting traces SDPA, which ``harness.metrics.flops`` counts, so attention FLOPs are never
+silently dropped.
 
 Every projection is a ``Linear`` (an ``nn.Linear``: same parameters, init and state
 dict) whose fp32 CPU matmuls, forward and backward, run on the library that
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.metrics import cpu_gelu, cpu_matmul
+from harness.metrics import cpu_attention, cpu_gelu, cpu_matmul
 
 
 # ------------------------------------------------------------ linear layers
@@ -151,13 +153,39 @@ class Linear(nn.Linear):
 
 # ------------------------------------------------------------ attention
 
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``attention`` written out: two batched matmuls around a softmax.  Faster than the CPU
+    flash kernel on short sequences (``harness.metrics.cpu_attention``); a query row whose
+    keys are all masked out gets zeros, as in SDPA."""
+    s = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B, H, Lq, Lk)
+    if mask is None:
+        return torch.matmul(s.softmax(-1), v)
+    if mask.dtype != torch.bool:
+        return torch.matmul(s.add_(mask).softmax(-1), v)
+    p = s.masked_fill_(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(p.nan_to_num(0.0), v)  # fully masked rows: NaN -> 0
+
+
+def _use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype == torch.float32
+            and k.shape[-2] <= cpu_attention.MATMUL_MAX_KEYS
+            and q.numel() // q.shape[-1] >= cpu_attention.MATMUL_MIN_ROWS
+            and cpu_attention.path() == "matmul"
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and not _cpu_autocast())
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) [+ mask]) v over the last two dims.
 
     q: (B, H, Lq, D), k/v: (B, H, Lk, D); ``mask`` is boolean (True = attend) or
-    additive, broadcastable to (B, H, Lq, Lk).
+    additive, broadcastable to (B, H, Lq, Lk).  Short fp32 CPU calls take
+    ``matmul_attention`` where ``harness.metrics.cpu_attention``'s path is ``matmul``.
     """
+    if _use_matmul_attention(q, k):
+        return matmul_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

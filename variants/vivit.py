@@ -384,7 +384,8 @@ class ViViT(Variant):
                 "embedding": self.cfg.embedding,
                 "pooling": self.cfg.pool,
                 "token_grid": "x".join(str(n) for n in self.cfg.grid),
-                "attention_path": "F.scaled_dot_product_attention"}
+                "attention_path": "attention() (SDPA; short fp32 CPU sequences: matmuls, "
+                                  "see the cpu_attention tag)"}
 
 
 # ------------------------------------------------------------------ the zoo

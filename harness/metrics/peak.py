@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                         "for SECONDS and print the rate of each second (how steady the machine is)")
     args = p.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        from .speed import set_threads
+        set_threads(args.threads)
     if args.drift:
         size = max(args.sizes or [2048])
         rates = [r / 1e12 for r in drift(args.drift, args.device, size)]

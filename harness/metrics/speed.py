@@ -12,8 +12,9 @@ keeps glibc's defaults) and record the mode as ``malloc``.
 
 ``attention`` picks the kernel behind every ``F.scaled_dot_product_attention`` call while
 timing (``ATTENTION_BACKENDS``): ``auto`` lets torch choose (the fused flash kernel
-wherever it serves the call), the others force one backend, ``math`` being the unfused
-reference.  ``check_attention`` refuses a backend the device does not have before any work.
+wherever it serves the call; short fp32 CPU sequences go through matmuls where
+``harness.metrics.cpu_attention`` says so), the others force one backend for every call,
+``math`` being the unfused reference.  ``check_attention`` refuses a backend the device does not have before any work.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import cpu_malloc
+from . import cpu_attention, cpu_malloc
 
 # harness name -> torch.nn.attention.SDPBackend member
 ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -49,6 +50,18 @@ class SpeedOptions:
     seed: int = 0
     profile_ops: int = 0     # then this many more train steps under torch.profiler (0: none)
     attention: str = "auto"  # SDPA backend while timing: auto | flash | efficient | cudnn | math
+
+
+def set_threads(n: int) -> int:
+    """``torch.set_num_threads(n)`` unless ``n`` threads are already in force; returns the
+    count before.  Calling it at all, even with the count in force, makes the CPU
+    flash-attention kernel's small calls about twice as slow for the rest of the process
+    (measured on the 2-core Zen 3 of docs/speed.md: 1.1 -> 2.4 ms for 64 x 6 heads x 16
+    tokens), so a process that wants the default count leaves it alone."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    return before
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -284,12 +297,17 @@ def check_attention(name: str, device: str | torch.device, bf16: bool) -> None:
 
 
 def attention_backend(name: str):
-    """A context in which SDPA uses only the backend ``name`` (``auto``: torch's choice)."""
+    """A context in which SDPA uses only the backend ``name`` (``auto``: torch's choice, and
+    short CPU sequences on ``harness.metrics.cpu_attention``'s path).  A forced backend also
+    takes the short sequences through SDPA."""
     member = ATTENTION_BACKENDS[name]
     if member is None:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel(getattr(SDPBackend, member))
+    stack = contextlib.ExitStack()
+    stack.enter_context(cpu_attention.using_path("sdpa"))  # every call through SDPA
+    stack.enter_context(sdpa_kernel(getattr(SDPBackend, member)))
+    return stack
 
 
 def make_train_step(model: nn.Module, run, inputs: tuple, optim, device: torch.device, bf16: bool,

@@ -128,16 +128,16 @@ class BenchmarkTask(Task):
     def run(self, ctx: TrialContext) -> dict:
         import time
 
-        from ..metrics import cpu_gelu
+        from ..metrics import cpu_attention, cpu_gelu
         from ..metrics.peak import (OtherLoad, cached_peak, gemm_probe, mfu_metrics,
                                     paired_mfu_metrics, peak_for)
-        from ..metrics.speed import SpeedOptions, measure_speed
+        from ..metrics.speed import SpeedOptions, measure_speed, set_threads
 
         o: BenchmarkOptions = ctx.options
         t0 = time.perf_counter()
-        threads_before = torch.get_num_threads()
-        if o.threads:
-            torch.set_num_threads(o.threads)
+        # threads are set only when asked (speed.set_threads says why), and then restored:
+        # otherwise later trials of a study would be timed unlike the first
+        threads_before = set_threads(o.threads) if o.threads else torch.get_num_threads()
         try:
             device = ctx.device
             inputs = bench_inputs(ctx, o)
@@ -159,7 +159,7 @@ class BenchmarkTask(Task):
             threads = torch.get_num_threads()
             family = {k: float(v) for k, v in extra().items()}  # e.g. padding_fraction
         finally:
-            torch.set_num_threads(threads_before)
+            set_threads(threads_before)
         out = {k: float(v) for k, v in speed.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)
                and k not in ("batch_size", "timed_steps", "warmup_steps")}
@@ -175,6 +175,8 @@ class BenchmarkTask(Task):
                 "bench.peak_mem_source": str(speed.get("peak_mem_source", "")),
                 "bench.malloc": str(speed.get("malloc", "")),
                 "bench.cpu_gelu": cpu_gelu.path() if torch.device(device).type == "cpu" else "n/a",
+                "bench.cpu_attention": ("n/a" if torch.device(device).type != "cpu" else
+                                        cpu_attention.path() if o.attention == "auto" else "sdpa"),
                 "bench.flops": "fwd MACs of the timed batch per sample (fvcore, attention incl.)"}
         if peak or o.peak_tflops:
             peak_flops, which = peak_for(peak, device, o.bf16, o.peak_tflops)
