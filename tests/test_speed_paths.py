@@ -199,13 +199,17 @@ needs_fused_gelu = pytest.mark.skipif(not cpu_gelu.fused_available(),
                                       reason="torch.compile cannot build CPU kernels here")
 
 
+def _path_setter(choice):
+    """A function that sets ``choice``'s path for one test; the first path comes back after."""
+    olds = []
+    yield lambda name: olds.append(choice.set_path(name))
+    if olds:
+        choice.set_path(olds[0])
+
+
 @pytest.fixture
 def gelu_path():
-    """Set the GELU path for one test, restored after."""
-    olds = []
-    yield lambda name: olds.append(cpu_gelu.set_path(name))
-    if olds:
-        cpu_gelu.set_path(olds[0])
+    yield from _path_setter(cpu_gelu)
 
 
 @needs_fused_gelu
@@ -289,11 +293,7 @@ def test_harness_cli_rejects_a_bad_cpu_gelu_before_any_work(tmp_path):
 
 @pytest.fixture
 def attn_path():
-    """Set the CPU attention path for one test, restored after."""
-    olds = []
-    yield lambda name: olds.append(cpu_attention.set_path(name))
-    if olds:
-        cpu_attention.set_path(olds[0])
+    yield from _path_setter(cpu_attention)
 
 
 def _grads(fn, q, k, v, g):

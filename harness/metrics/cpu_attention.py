@@ -50,26 +50,9 @@ MATMUL_MAX_KEYS = 48    # measured crossover: the matmul path wins forward and b
 MATMUL_MIN_ROWS = 4096  # query rows (batch x heads x queries): on smaller calls its extra ops cost more
 
 _choice = KernelChoice(ENV, "CPU attention path", CHOICES, lambda: "matmul", lambda name: None)
-
-
-def default_path() -> str:
-    """``matmul``, or ``$HARNESS_CPU_ATTENTION``."""
-    return _choice.resolve()
-
-
-def path() -> str:
-    """The attention path in force in this process: ``sdpa`` or ``matmul``."""
-    return _choice.get()
-
-
-def set_path(name: str) -> str:
-    """Force a path for this process; returns the old one."""
-    return _choice.set(name)
-
-
-def using_path(name: str):
-    """A context with the path ``name`` in force, the previous one restored after."""
-    return _choice.using(name)
+# default_path(): ``matmul``, or $HARNESS_CPU_ATTENTION; path(): the path in force in this
+# process; set_path / using_path: force one
+default_path, path, set_path, using_path = _choice.functions()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,26 +52,9 @@ def _unavailable(name: str) -> str | None:
 
 _choice = KernelChoice(ENV, "CPU GELU path", CHOICES,
                        lambda: "fused" if fused_available() else "aten", _unavailable)
-
-
-def default_path() -> str:
-    """``fused`` where torch.compile can build CPU kernels, else ``aten``; or ``$HARNESS_CPU_GELU``."""
-    return _choice.resolve()
-
-
-def path() -> str:
-    """The tanh-GELU path in force in this process: ``aten`` or ``fused``."""
-    return _choice.get()
-
-
-def set_path(name: str) -> str:
-    """Force a path for this process; returns the old one."""
-    return _choice.set(name)
-
-
-def using_path(name: str):
-    """A context with the path ``name`` in force, the previous one restored after."""
-    return _choice.using(name)
+# default_path(): ``fused`` where torch.compile can build CPU kernels, else ``aten``, or
+# $HARNESS_CPU_GELU; path(): the path in force; set_path / using_path: force one
+default_path, path, set_path, using_path = _choice.functions()
 
 
 def main(argv: list[str] | None = None) -> int:

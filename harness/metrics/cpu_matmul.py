@@ -65,21 +65,9 @@ def _unavailable(name: str) -> str | None:
 
 
 _choice = KernelChoice(ENV, "CPU linear path", CHOICES, _rule, _unavailable)
-
-
-def default_path() -> str:
-    """The path by the rule in the module docstring, or ``$HARNESS_CPU_LINEAR``."""
-    return _choice.resolve()
-
-
-def path() -> str:
-    """The fp32 CPU linear path in force in this process: ``aten`` or ``onednn``."""
-    return _choice.get()
-
-
-def set_path(name: str) -> str:
-    """Force a path for this process (benchmarks that compare both); returns the old one."""
-    return _choice.set(name)
+# default_path(): the rule above, or $HARNESS_CPU_LINEAR; path(): the path in force in this
+# process; set_path(name): force one (benchmarks that compare both), returns the old one
+default_path, path, set_path, using_path = _choice.functions()
 
 
 def compare_paths(rows: int, shapes, reps: int = 15) -> list[dict]:

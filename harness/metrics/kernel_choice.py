@@ -48,6 +48,10 @@ class KernelChoice:
         old, self._path = self.get(), name
         return old
 
+    def functions(self):
+        """``(default_path, path, set_path, using_path)``: the module-level API of a choice."""
+        return self.resolve, self.get, self.set, self.using
+
     @contextlib.contextmanager
     def using(self, name: str):
         """``name`` in force inside the block, the previous path restored after."""
