@@ -9,7 +9,8 @@ There, two batched matmuls around a softmax (the math written out, ``matmul_atte
 can be cheaper.
 
 ``python -m harness.metrics.cpu_attention`` times both kernels.  On the 2-core AMD EPYC Zen 3
-of docs/speed.md, with 6 heads of 64 and 4096 query rows per call, flash / matmul in ms:
+of docs/speed.md, with 6 heads of 64 and 4096 query tokens per head (batch x length),
+flash / matmul in ms:
 
     keys  8: forward 6.8 / 4.9,    forward+backward 31.9 / 22.2
     keys 16: forward 6.4 / 6.5,    forward+backward 29.6 / 20.9
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--lengths, --heads, --head-dim, --tokens and --repeats must all be >= 1")
     gen = torch.Generator().manual_seed(0)
     print(f"fp32 self-attention on cpu, {torch.get_num_threads()} threads, {args.heads} heads of "
-          f"{args.head_dim}, {args.tokens} query tokens, median ms of {args.repeats}: sdpa / matmul")
+          f"{args.head_dim}, {args.tokens} query tokens per head, median ms of {args.repeats}: sdpa / matmul")
     for n in args.lengths:
         shape = (max(1, args.tokens // n), args.heads, n, args.head_dim)
         q, k, v = (torch.randn(*shape, generator=gen).requires_grad_() for _ in range(3))
