@@ -260,12 +260,26 @@ def test_fused_gelu_falls_back_to_torch_once_if_it_cannot_compile(gelu_path, mon
     assert cpu_gelu.path() == "aten"
 
 
-def _gelu_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != cpu_gelu.ENV}
+def _path_in_subprocess(choice, env_value: str | None) -> subprocess.CompletedProcess:
+    """``choice.path()`` in a fresh process, with its environment variable unset or set."""
+    env = {k: v for k, v in os.environ.items() if k != choice.ENV}
     if env_value is not None:
-        env[cpu_gelu.ENV] = env_value
-    return subprocess.run([sys.executable, "-c", "from harness.metrics import cpu_gelu; "
-                           "print(cpu_gelu.path())"], env=env, capture_output=True, text=True)
+        env[choice.ENV] = env_value
+    name = choice.__name__.rsplit(".", 1)[-1]
+    return subprocess.run([sys.executable, "-c", f"from harness.metrics import {name}; "
+                           f"print({name}.path())"], env=env, capture_output=True, text=True)
+
+
+def _gelu_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
+    return _path_in_subprocess(cpu_gelu, env_value)
+
+
+def _cli_smoke_run_with(env_var: str, value: str, tmp_path) -> subprocess.CompletedProcess:
+    """``harness run`` of the smoke study with ``env_var=value``."""
+    return subprocess.run([sys.executable, "-m", "harness.cli", "run", "studies/vit_digits.yaml",
+                           "--profile", "smoke", "--runs-dir", str(tmp_path / "runs")],
+                          env={**os.environ, env_var: value}, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 def test_cpu_gelu_default_and_env_override():
@@ -280,11 +294,7 @@ def test_cpu_gelu_default_and_env_override():
 
 
 def test_harness_cli_rejects_a_bad_cpu_gelu_before_any_work(tmp_path):
-    env = {**os.environ, cpu_gelu.ENV: "fast"}
-    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "studies/vit_digits.yaml",
-                        "--profile", "smoke", "--runs-dir", str(tmp_path / "runs")],
-                       env=env, capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    r = _cli_smoke_run_with(cpu_gelu.ENV, "fast", tmp_path)
     assert r.returncode != 0 and "HARNESS_CPU_GELU='fast'" in r.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -398,11 +408,7 @@ def test_vivit_models_give_the_same_outputs_and_gradients_on_both_paths(attn_pat
 
 
 def _attn_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != cpu_attention.ENV}
-    if env_value is not None:
-        env[cpu_attention.ENV] = env_value
-    return subprocess.run([sys.executable, "-c", "from harness.metrics import cpu_attention; "
-                           "print(cpu_attention.path())"], env=env, capture_output=True, text=True)
+    return _path_in_subprocess(cpu_attention, env_value)
 
 
 def test_cpu_attention_default_env_override_and_cli_check(tmp_path):
@@ -412,10 +418,6 @@ def test_cpu_attention_default_env_override_and_cli_check(tmp_path):
     assert bad.returncode != 0 and "HARNESS_CPU_ATTENTION='flash'" in bad.stderr
     with pytest.raises(ConfigError, match="must be one of sdpa, matmul"):
         cpu_attention.set_path("fast")
-    env = {**os.environ, cpu_attention.ENV: "flash"}
-    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "studies/vit_digits.yaml",
-                        "--profile", "smoke", "--runs-dir", str(tmp_path / "runs")],
-                       env=env, capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    r = _cli_smoke_run_with(cpu_attention.ENV, "flash", tmp_path)
     assert r.returncode != 0 and "HARNESS_CPU_ATTENTION='flash'" in r.stderr
     assert not (tmp_path / "runs").exists()
