@@ -68,23 +68,25 @@ def test_aten_path_never_takes_onednn():
         cpu_matmul.set_path(old)
 
 
-def _default_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != cpu_matmul.ENV}
+def _path_in_subprocess(choice, env_value: str | None) -> subprocess.CompletedProcess:
+    """``choice.path()`` in a fresh process, with its environment variable unset or set."""
+    env = {k: v for k, v in os.environ.items() if k != choice.ENV}
     if env_value is not None:
-        env[cpu_matmul.ENV] = env_value
-    return subprocess.run([sys.executable, "-c", "from harness.metrics import cpu_matmul; "
-                           "print(cpu_matmul.path())"], env=env, capture_output=True, text=True)
+        env[choice.ENV] = env_value
+    name = choice.__name__.rsplit(".", 1)[-1]
+    return subprocess.run([sys.executable, "-c", f"from harness.metrics import {name}; "
+                           f"print({name}.path())"], env=env, capture_output=True, text=True)
 
 
 def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
-    r = _default_path_in_subprocess(None)
+    r = _path_in_subprocess(cpu_matmul, None)
     assert r.returncode == 0, r.stderr
     rule = ("onednn" if cpu_matmul.cpu_vendor() not in ("GenuineIntel", "")
             and "avx512f" in cpu_matmul.cpu_flags()
             and cpu_matmul.onednn_available() and os.uname().machine == "x86_64" else "aten")
     assert r.stdout.strip() == rule
-    assert _default_path_in_subprocess("aten").stdout.strip() == "aten"
-    bad = _default_path_in_subprocess("mkl")
+    assert _path_in_subprocess(cpu_matmul, "aten").stdout.strip() == "aten"
+    bad = _path_in_subprocess(cpu_matmul, "mkl")
     assert bad.returncode != 0 and "HARNESS_CPU_LINEAR='mkl'" in bad.stderr and "aten, onednn" in bad.stderr
     with pytest.raises(ConfigError, match="must be one of aten, onednn"):
         cpu_matmul.set_path("blas")
@@ -260,20 +262,6 @@ def test_fused_gelu_falls_back_to_torch_once_if_it_cannot_compile(gelu_path, mon
     assert cpu_gelu.path() == "aten"
 
 
-def _path_in_subprocess(choice, env_value: str | None) -> subprocess.CompletedProcess:
-    """``choice.path()`` in a fresh process, with its environment variable unset or set."""
-    env = {k: v for k, v in os.environ.items() if k != choice.ENV}
-    if env_value is not None:
-        env[choice.ENV] = env_value
-    name = choice.__name__.rsplit(".", 1)[-1]
-    return subprocess.run([sys.executable, "-c", f"from harness.metrics import {name}; "
-                           f"print({name}.path())"], env=env, capture_output=True, text=True)
-
-
-def _gelu_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
-    return _path_in_subprocess(cpu_gelu, env_value)
-
-
 def _cli_smoke_run_with(env_var: str, value: str, tmp_path) -> subprocess.CompletedProcess:
     """``harness run`` of the smoke study with ``env_var=value``."""
     return subprocess.run([sys.executable, "-m", "harness.cli", "run", "studies/vit_digits.yaml",
@@ -283,11 +271,11 @@ def _cli_smoke_run_with(env_var: str, value: str, tmp_path) -> subprocess.Comple
 
 
 def test_cpu_gelu_default_and_env_override():
-    r = _gelu_path_in_subprocess(None)
+    r = _path_in_subprocess(cpu_gelu, None)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ("fused" if cpu_gelu.fused_available() else "aten")
-    assert _gelu_path_in_subprocess("aten").stdout.strip() == "aten"
-    bad = _gelu_path_in_subprocess("fast")
+    assert _path_in_subprocess(cpu_gelu, "aten").stdout.strip() == "aten"
+    bad = _path_in_subprocess(cpu_gelu, "fast")
     assert bad.returncode != 0 and "HARNESS_CPU_GELU='fast'" in bad.stderr and "aten, fused" in bad.stderr
     with pytest.raises(ConfigError, match="must be one of aten, fused"):
         cpu_gelu.set_path("sleef")
@@ -407,14 +395,11 @@ def test_vivit_models_give_the_same_outputs_and_gradients_on_both_paths(attn_pat
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _attn_path_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
-    return _path_in_subprocess(cpu_attention, env_value)
-
 
 def test_cpu_attention_default_env_override_and_cli_check(tmp_path):
-    assert _attn_path_in_subprocess(None).stdout.strip() == "matmul"
-    assert _attn_path_in_subprocess("sdpa").stdout.strip() == "sdpa"
-    bad = _attn_path_in_subprocess("flash")
+    assert _path_in_subprocess(cpu_attention, None).stdout.strip() == "matmul"
+    assert _path_in_subprocess(cpu_attention, "sdpa").stdout.strip() == "sdpa"
+    bad = _path_in_subprocess(cpu_attention, "flash")
     assert bad.returncode != 0 and "HARNESS_CPU_ATTENTION='flash'" in bad.stderr
     with pytest.raises(ConfigError, match="must be one of sdpa, matmul"):
         cpu_attention.set_path("fast")
