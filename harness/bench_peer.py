@@ -479,7 +479,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=60.0, help="overhead: training seconds")
     p.add_argument("--eval-every", type=int, default=0, help="overhead: budget.eval_every")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--linear", default="auto", choices=("auto", "onednn", "aten"),
+    p.add_argument("--linear", default="auto", choices=("auto", *cpu_matmul.CHOICES),
                    help="our fp32 CPU Linear path (auto: harness.metrics.cpu_matmul's rule for this CPU)")
     p.add_argument("--gelu", default="auto", choices=("auto", "fused", "aten"),
                    help="our tanh-GELU path (auto: harness.metrics.cpu_gelu's rule)")

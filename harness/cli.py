@@ -149,7 +149,9 @@ ARMS = {"eager": "the model as built (fp32)",
         "bf16": "bf16 autocast",
         "aten-gelu": "fp32, tanh-GELU on torch's own kernel (HARNESS_CPU_GELU=aten)",
         "sdpa-attn": "fp32, every attention call through SDPA (HARNESS_CPU_ATTENTION=sdpa)",
-        "math-attn": "fp32, attention on SDPA's unfused math kernel"}
+        "math-attn": "fp32, attention on SDPA's unfused math kernel",
+        **{f"{p}-linear": f"fp32, Linear matmuls on the {p} path (HARNESS_CPU_LINEAR={p})"
+           for p in cpu_matmul.CHOICES}}
 
 
 def parse_arms(text: str) -> list[str]:
@@ -161,13 +163,29 @@ def parse_arms(text: str) -> list[str]:
     return arms
 
 
-def with_kernel_paths(step, gelu: str, attention: str):
-    """``step`` run with the tanh-GELU path ``gelu`` and the CPU attention path ``attention``
-    in force (both restored after)."""
+def with_kernel_paths(step, gelu: str, attention: str, linear: str | None = None):
+    """``step`` run with the tanh-GELU path ``gelu``, the CPU attention path ``attention``
+    and the CPU linear path ``linear`` (None: the one in force) in force, all restored after."""
+    linear = linear or cpu_matmul.path()
+
     def run():
-        with cpu_gelu.using_path(gelu), cpu_attention.using_path(attention):
+        with cpu_gelu.using_path(gelu), cpu_attention.using_path(attention), \
+                cpu_matmul.using_path(linear):
             step()
     return run
+
+
+def _linear_arm(arm: str) -> str | None:
+    """The CPU linear path an arm forces (``onednn-linear`` -> ``onednn``), else None."""
+    return arm[:-len("-linear")] if arm.endswith("-linear") else None
+
+
+def paired_ratios(base: list[float], times: list[float], per_round: int) -> list[float]:
+    """Per round, the base arm's median step time over this arm's: a speed ratio taken
+    within one round, so the machine's drift between rounds cancels."""
+    import statistics
+    return [statistics.median(base[i:i + per_round]) / statistics.median(times[i:i + per_round])
+            for i in range(0, len(times), per_round)]
 
 
 def bench_alternate(args, specs, overrides: dict, device) -> int:
@@ -184,6 +202,10 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
     if args.flops_only or args.ops or args.mfu:
         raise ConfigError("--alternate times train steps; it cannot go with --flops-only, --ops or --mfu")
+    for arm in arms:  # a linear path this torch build lacks stops here, before any work
+        if _linear_arm(arm):
+            with cpu_matmul.using_path(_linear_arm(arm)):
+                pass
     per_round = max(1, -(-args.steps // args.rounds))
     records = []
     for spec in specs:
@@ -200,16 +222,20 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
                 make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16",
                                 attention=attention),
                 gelu="aten" if arm == "aten-gelu" else cpu_gelu.path(),
-                attention="sdpa" if arm == "sdpa-attn" else cpu_attention.path())
-        times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True)
+                attention="sdpa" if arm == "sdpa-attn" else cpu_attention.path(),
+                linear=_linear_arm(arm))
+        times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True, abba=True)
         base = statistics.median(times[arms[0]])
+        paired = {arm: paired_ratios(times[arms[0]], t, per_round) for arm, t in times.items()}
         rec = {"name": spec.name, "device": str(device), "batch_size": args.batch_size,
                "warmup_steps": args.warmup, "rounds": args.rounds,
                "timed_steps_per_round": per_round,
                "arms": {arm: {"step_ms_median": statistics.median(t) * 1e3,
                               "step_ms_min": min(t) * 1e3, "step_ms_max": max(t) * 1e3,
                               "samples_per_s": args.batch_size / statistics.median(t),
-                              f"speed_vs_{arms[0]}": base / statistics.median(t)}
+                              f"speed_vs_{arms[0]}": base / statistics.median(t),
+                              f"paired_speed_vs_{arms[0]}": statistics.median(paired[arm]),
+                              "paired_rounds_faster": sum(r > 1 for r in paired[arm])}
                         for arm, t in times.items()}}
         records.append(rec)
         del model, optim, steps
@@ -217,13 +243,18 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
             continue
         print(f"{spec.name}: train steps (fwd + bwd + AdamW), batch {args.batch_size} on "
               f"{device}, {args.warmup} warm-up steps per arm, then {args.rounds} rounds x "
-              f"{per_round} timed steps per arm, arms alternated (one untimed step opens each turn)")
+              f"{per_round} timed steps per arm, arms alternated, every other round in reverse "
+              f"(one untimed step opens each turn); paired: the median over rounds of "
+              f"{arms[0]}'s time / the arm's time in the same round")
         print_table([{"arm": arm, "what": ARMS[arm], "ms/step median": round(a["step_ms_median"], 1),
                       "min": round(a["step_ms_min"], 1), "max": round(a["step_ms_max"], 1),
                       "samples/s": round(a["samples_per_s"], 2),
-                      f"speed vs {arms[0]}": f"{a[f'speed_vs_{arms[0]}']:.3f}x"}
+                      f"speed vs {arms[0]}": f"{a[f'speed_vs_{arms[0]}']:.3f}x",
+                      "paired": f"{a[f'paired_speed_vs_{arms[0]}']:.3f}x",
+                      "rounds faster": f"{a['paired_rounds_faster']}/{args.rounds}"}
                      for arm, a in rec["arms"].items()],
-                    ["arm", "what", "ms/step median", "min", "max", "samples/s", f"speed vs {arms[0]}"])
+                    ["arm", "what", "ms/step median", "min", "max", "samples/s", f"speed vs {arms[0]}",
+                     "paired", "rounds faster"])
     if args.json:
         print(json.dumps(records, indent=1))
     return 0

@@ -102,6 +102,8 @@ def test_bench_alternate_times_each_arm_in_rounds(capsys):
     assert cli.main(args + ["--json"]) == 0
     rec = json.loads(capsys.readouterr().out)[0]
     assert set(rec["arms"]) == {"eager", "bf16"} and rec["arms"]["eager"]["speed_vs_eager"] == 1.0
+    assert rec["arms"]["eager"]["paired_speed_vs_eager"] == 1.0
+    assert 0 <= rec["arms"]["bf16"]["paired_rounds_faster"] <= 2
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager,bf16", "--ops", "2"]) == 2
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager"]) == 2
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager,turbo"]) == 2
@@ -110,19 +112,26 @@ def test_bench_alternate_times_each_arm_in_rounds(capsys):
     assert cli.main(["bench", "dit-s/8", "--alternate", "eager,bf16", "--mfu"]) == 2
 
 
+def test_paired_ratios_compare_arms_within_each_round():
+    # round 1: base 2 s vs 1 s (2x), round 2: base 4 s vs 8 s (0.5x); per_round 2 takes medians
+    assert cli.paired_ratios([2.0, 4.0], [1.0, 8.0], 1) == [2.0, 0.5]
+    assert cli.paired_ratios([1.0, 3.0, 4.0, 4.0], [1.0, 1.0, 8.0, 8.0], 2) == [2.0, 0.5]
+
+
 def test_bench_alternate_kernel_arms_run_their_paths_and_restore_them(capsys):
-    from harness.metrics import cpu_attention, cpu_gelu
-    before, seen = (cpu_gelu.path(), cpu_attention.path()), []
-    cli.with_kernel_paths(lambda: seen.append((cpu_gelu.path(), cpu_attention.path())),
-                          gelu="aten", attention="sdpa")()
-    assert seen == [("aten", "sdpa")] and (cpu_gelu.path(), cpu_attention.path()) == before
+    from harness.metrics import cpu_attention, cpu_gelu, cpu_matmul
+    paths = lambda: (cpu_gelu.path(), cpu_attention.path(), cpu_matmul.path())  # noqa: E731
+    before, seen = paths(), []
+    cli.with_kernel_paths(lambda: seen.append(paths()), gelu="aten", attention="sdpa",
+                          linear="aten")()
+    assert seen == [("aten", "sdpa", "aten")] and paths() == before
     args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
             "--steps", "2", "--rounds", "2", "--warmup", "0", "--alternate",
-            "eager,aten-gelu,sdpa-attn"]
+            "eager,aten-gelu,sdpa-attn,aten-linear"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "aten-gelu" in out and "sdpa-attn" in out
-    assert (cpu_gelu.path(), cpu_attention.path()) == before
+    assert "aten-gelu" in out and "sdpa-attn" in out and "HARNESS_CPU_LINEAR=aten" in out
+    assert paths() == before
 
 
 def test_bench_mfu_prints_fixed_and_paired_mfu(capsys):

@@ -22,11 +22,11 @@ needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(),
                                   reason="this torch build has no oneDNN linear")
 
 
-@pytest.fixture
-def onednn_path():
-    """Force the oneDNN path whatever this CPU's default is, so both paths are tested."""
-    old = cpu_matmul.set_path("onednn")
-    yield
+@pytest.fixture(params=cpu_matmul.ONEDNN_PATHS)
+def onednn_path(request):
+    """Force each oneDNN path whatever this CPU's default is, so every path is tested."""
+    old = cpu_matmul.set_path(request.param)
+    yield request.param
     cpu_matmul.set_path(old)
 
 
@@ -60,6 +60,23 @@ def test_onednn_linear_is_used_on_cpu_fp32_only(onednn_path):
         assert not common._use_onednn(torch.randn(2, 3), w)
 
 
+@needs_onednn
+def test_mm_wgrad_path_takes_the_weight_gradient_off_onednn(onednn_path, monkeypatch):
+    """On ``onednn-mm-wgrad`` the weight gradient is ``torch.mm``'s, on ``onednn`` oneDNN's
+    (``_weight_grad``): with that function broken, only the first still trains."""
+    def broken(*args, **kwargs):
+        raise AssertionError("oneDNN weight gradient called")
+    monkeypatch.setattr(common, "_weight_grad", broken)
+    lin = common.Linear(8, 12)
+    loss = lin(torch.randn(4, 8)).square().sum()
+    if onednn_path == "onednn-mm-wgrad":
+        loss.backward()
+        assert lin.weight.grad is not None and lin.weight.grad.shape == (12, 8)
+    else:
+        with pytest.raises(AssertionError, match="oneDNN weight gradient"):
+            loss.backward()
+
+
 def test_aten_path_never_takes_onednn():
     old = cpu_matmul.set_path("aten")
     try:
@@ -81,9 +98,10 @@ def _path_in_subprocess(choice, env_value: str | None) -> subprocess.CompletedPr
 def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
     r = _path_in_subprocess(cpu_matmul, None)
     assert r.returncode == 0, r.stderr
-    rule = ("onednn" if cpu_matmul.cpu_vendor() not in ("GenuineIntel", "")
-            and "avx512f" in cpu_matmul.cpu_flags()
-            and cpu_matmul.onednn_available() and os.uname().machine == "x86_64" else "aten")
+    onednn = (cpu_matmul.cpu_vendor() not in ("GenuineIntel", "") and "avx512f" in cpu_matmul.cpu_flags()
+              and cpu_matmul.onednn_available() and os.uname().machine == "x86_64")
+    zen4 = cpu_matmul.cpu_vendor() == "AuthenticAMD" and cpu_matmul.cpu_family() == 25
+    rule = ("onednn-mm-wgrad" if zen4 else "onednn") if onednn else "aten"
     assert r.stdout.strip() == rule
     assert _path_in_subprocess(cpu_matmul, "aten").stdout.strip() == "aten"
     bad = _path_in_subprocess(cpu_matmul, "mkl")
@@ -92,17 +110,19 @@ def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
         cpu_matmul.set_path("blas")
 
 
-@pytest.mark.parametrize("vendor,flags,want", [
-    ("AuthenticAMD", {"avx2", "avx512f"}, "onednn"),   # Zen 4 / Zen 5
-    ("AuthenticAMD", {"avx2"}, "aten"),                # Zen 3: MKL's AVX2 kernels win
-    ("GenuineIntel", {"avx2", "avx512f"}, "aten"),     # MKL runs AVX-512 on Intel
-    ("", set(), "aten"),                               # no /proc/cpuinfo
+@pytest.mark.parametrize("vendor,family,flags,want", [
+    ("AuthenticAMD", 26, {"avx2", "avx512f"}, "onednn"),           # Zen 5
+    ("AuthenticAMD", 25, {"avx2", "avx512f"}, "onednn-mm-wgrad"),  # Zen 4: MKL's weight grads win
+    ("AuthenticAMD", 25, {"avx2"}, "aten"),                        # Zen 3: MKL's AVX2 kernels win
+    ("GenuineIntel", 6, {"avx2", "avx512f"}, "aten"),              # MKL runs AVX-512 on Intel
+    ("", None, set(), "aten"),                                     # no /proc/cpuinfo
 ])
-def test_cpu_linear_rule_table(monkeypatch, vendor, flags, want):
+def test_cpu_linear_rule_table(monkeypatch, vendor, family, flags, want):
     # an x86 machine whose torch build has oneDNN, whatever runs the test
     monkeypatch.setattr(cpu_matmul.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(cpu_matmul, "onednn_available", lambda: True)
     monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_matmul, "cpu_family", lambda: family)
     monkeypatch.setattr(cpu_matmul, "cpu_flags", lambda: frozenset(flags))
     assert cpu_matmul._rule() == want
 
@@ -124,7 +144,8 @@ def test_harness_cli_rejects_a_bad_cpu_linear_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("path", ["aten", pytest.param("onednn", marks=needs_onednn)])
+@pytest.mark.parametrize("path", ["aten", *(pytest.param(p, marks=needs_onednn)
+                                           for p in cpu_matmul.ONEDNN_PATHS)])
 def test_compiled_linear_matches_eager(path):
     old = cpu_matmul.set_path(path)
     try:

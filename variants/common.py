@@ -9,10 +9,11 @@ silently dropped.
 
 Every projection is a ``Linear`` (an ``nn.Linear``: same parameters, init and state
 dict) whose fp32 CPU matmuls, forward and backward, run on the library that
-``harness.metrics.cpu_matmul`` picks for this CPU: torch's ``F.linear`` (MKL) on Intel, and
-oneDNN (``linear()``) on AMD, where MKL takes an AVX2 path at about half of what the cores
-do (measured on an AMD EPYC with AVX-512: 2 cores, ~100 vs ~230 GFLOP/s per core; see
-docs/speed.md).  Under ``torch.compile`` the oneDNN matmuls are an opaque custom op
+``harness.metrics.cpu_matmul`` picks for this CPU: torch's ``F.linear`` (MKL) on Intel and
+on CPUs without AVX-512, and oneDNN (``linear()``) on AMD with AVX-512, where MKL takes an
+AVX2 path at about half of what the cores do (measured on an AMD EPYC Zen 5: 2 cores, ~100
+vs ~230 GFLOP/s per core; see docs/speed.md); on Zen 4 the weight gradients go to
+``torch.mm`` (MKL), which is faster there at that one matmul.  Under ``torch.compile`` the oneDNN matmuls are an opaque custom op
 (``harness::onednn_linear``) that inductor calls while fusing the element-wise work.
 Tracing (FLOP counting), autocast, CUDA and other dtypes take ``F.linear`` unchanged.
 """
@@ -52,13 +53,20 @@ def _weight_grad(gy: torch.Tensor, x: torch.Tensor, mm=None) -> torch.Tensor:
     return mm(x.t(), gy.t()).t().contiguous()  # ((K, M) @ (M, N))^T
 
 
+def _mm_weight_grad() -> bool:
+    """Whether the path in force sends weight gradients to ``torch.mm`` (MKL), not oneDNN."""
+    return cpu_matmul.path() == "onednn-mm-wgrad"
+
+
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x w^T + b with all three matmuls (forward, input grad, weight grad) on oneDNN."""
+    """y = x w^T + b with the forward and the input grad on oneDNN, and the weight grad on
+    oneDNN or, on the ``onednn-mm-wgrad`` path, ``torch.mm`` (MKL, transposes read in place)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.mm_wgrad = _mm_weight_grad()  # the path in force at the forward decides
         return _mm_onednn(x, weight, bias)  # (M, N)
 
     @staticmethod
@@ -68,7 +76,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _input_grad(gy, weight)  # (M, K)
         if ctx.needs_input_grad[1]:
-            gw = _weight_grad(gy, x)  # (N, K)
+            gw = gy.t() @ x if ctx.mm_wgrad else _weight_grad(gy, x)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(0)
         return gx, gw, gb
@@ -98,12 +106,14 @@ def _compile_op():
         a, b, bias = inputs
         ctx.save_for_backward(a, b)
         ctx.has_bias = bias is not None
+        ctx.mm_wgrad = _mm_weight_grad()
 
     def backward(ctx, gy):
         a, b = ctx.saved_tensors
         gb = gy.sum(0) if ctx.has_bias else None
         mm = lambda p, q: op(p, q, None)  # noqa: E731
-        return _input_grad(gy, b, mm=mm), _weight_grad(gy, a, mm=mm), gb
+        gw = gy.t() @ a if ctx.mm_wgrad else _weight_grad(gy, a, mm=mm)
+        return _input_grad(gy, b, mm=mm), gw, gb
 
     op.register_autograd(backward, setup_context=setup_context)
     return op
@@ -113,7 +123,7 @@ _ONEDNN_OP = _compile_op()
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and cpu_matmul.path() == "onednn"
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and cpu_matmul.path() in cpu_matmul.ONEDNN_PATHS
             and weight.dtype == torch.float32 and x.numel() > 0 and x.dim() >= 2
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not _cpu_autocast()

@@ -16,10 +16,20 @@ code path by vendor, and on whether the CPU has AVX-512:
   input gradient, 0.36-0.39 weight gradient; oneDNN 0.39-0.42 and 0.19-0.31.  A DiT-S/2
   training step: 7.3 samples/s with MKL, 6.0 with oneDNN (docs/speed.md).
 
-So the default is ``onednn`` on non-Intel x86 CPUs with AVX-512 (where the build has
-oneDNN) and ``aten`` (torch's own ``F.linear``) elsewhere: a fixed rule, not a per-process timing, so
-the same machine always runs the same kernels.  ``HARNESS_CPU_LINEAR=aten|onednn``
-overrides it; every benchmark trial records the path in force as a tag.  The engine only
+A third path, ``onednn-mm-wgrad``, runs the forward and the input gradient on oneDNN and
+the weight gradient on ``torch.mm`` (MKL).  On Zen 4, whose AVX-512 runs on 256-bit units,
+MKL's AVX2 path is close to oneDNN and ahead of it on most weight gradients: measured on an
+AMD EPYC (Zen 4, family 25 model 17), 2 cores, at ViT-S / DiT-S shapes, oneDNN / MKL
+GFLOP/s 208-217 / 188-203 forward, 208-221 / 187-199 input gradient, but 149-194 / 187-203
+weight gradient; whole training steps alternated in one process ran 1.01-1.03x faster with
+the weight gradients on MKL (docs/speed.md).  Zen 5's full-width AVX-512 keeps all three
+on oneDNN.
+
+So the default is ``onednn-mm-wgrad`` on AMD family 25 with AVX-512 (Zen 4; that family's
+Zen 3 parts lack AVX-512), ``onednn`` on other non-Intel x86 CPUs with AVX-512 (where the
+build has oneDNN), and ``aten`` (torch's own ``F.linear``) elsewhere: a fixed rule, not a
+per-process timing, so the same machine always runs the same kernels.
+``HARNESS_CPU_LINEAR=aten|onednn|onednn-mm-wgrad`` overrides it; every benchmark trial records the path in force as a tag.  The engine only
 holds the setting; ``variants.common.Linear`` obeys it.  CUDA, autocast and other dtypes
 always take ``F.linear``.
 """
@@ -30,7 +40,8 @@ import platform
 from ..tracking import cpuinfo
 from .kernel_choice import KernelChoice
 
-CHOICES = ("aten", "onednn")
+CHOICES = ("aten", "onednn", "onednn-mm-wgrad")
+ONEDNN_PATHS = ("onednn", "onednn-mm-wgrad")  # the paths whose forward runs on oneDNN
 ENV = "HARNESS_CPU_LINEAR"
 
 
@@ -45,6 +56,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(cpuinfo().get("flags", "").split())
 
 
+def cpu_family() -> int | None:
+    """``/proc/cpuinfo``'s ``cpu family`` (AMD: 25 = Zen 3 / Zen 4, 26 = Zen 5), or None."""
+    try:
+        return int(cpuinfo().get("cpu family", ""))
+    except ValueError:
+        return None
+
+
 def onednn_available() -> bool:
     import torch
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -54,12 +73,12 @@ def _rule() -> str:
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if (x86 and cpu_vendor() not in ("GenuineIntel", "") and "avx512f" in cpu_flags()
             and onednn_available()):
-        return "onednn"
+        return "onednn-mm-wgrad" if cpu_vendor() == "AuthenticAMD" and cpu_family() == 25 else "onednn"
     return "aten"
 
 
 def _unavailable(name: str) -> str | None:
-    if name == "onednn" and not onednn_available():
+    if name in ONEDNN_PATHS and not onednn_available():
         return "this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)"
     return None
 
