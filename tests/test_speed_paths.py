@@ -98,7 +98,8 @@ def _path_in_subprocess(choice, env_value: str | None) -> subprocess.CompletedPr
 def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
     r = _path_in_subprocess(cpu_matmul, None)
     assert r.returncode == 0, r.stderr
-    onednn = (cpu_matmul.cpu_vendor() not in ("GenuineIntel", "") and "avx512f" in cpu_matmul.cpu_flags()
+    onednn = (cpu_matmul.cpu_vendor() not in ("GenuineIntel", "")
+              and "avx512f" in cpu_matmul.cpu_flags()
               and cpu_matmul.onednn_available() and os.uname().machine == "x86_64")
     zen4 = cpu_matmul.cpu_vendor() == "AuthenticAMD" and cpu_matmul.cpu_family() == 25
     rule = ("onednn-mm-wgrad" if zen4 else "onednn") if onednn else "aten"

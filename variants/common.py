@@ -13,9 +13,10 @@ dict) whose fp32 CPU matmuls, forward and backward, run on the library that
 on CPUs without AVX-512, and oneDNN (``linear()``) on AMD with AVX-512, where MKL takes an
 AVX2 path at about half of what the cores do (measured on an AMD EPYC Zen 5: 2 cores, ~100
 vs ~230 GFLOP/s per core; see docs/speed.md); on Zen 4 the weight gradients go to
-``torch.mm`` (MKL), which is faster there at that one matmul.  Under ``torch.compile`` the oneDNN matmuls are an opaque custom op
-(``harness::onednn_linear``) that inductor calls while fusing the element-wise work.
-Tracing (FLOP counting), autocast, CUDA and other dtypes take ``F.linear`` unchanged.
+``torch.mm`` (MKL), which is faster there at that one matmul.  Under ``torch.compile`` the
+oneDNN matmuls are an opaque custom op (``harness::onednn_linear``) that inductor calls
+while fusing the element-wise work.  Tracing (FLOP counting), autocast, CUDA and other
+dtypes take ``F.linear`` unchanged.
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ _ONEDNN_OP = _compile_op()
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and cpu_matmul.path() in cpu_matmul.ONEDNN_PATHS
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and cpu_matmul.path() in cpu_matmul.ONEDNN_PATHS
             and weight.dtype == torch.float32 and x.numel() > 0 and x.dim() >= 2
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not _cpu_autocast()

@@ -21,17 +21,18 @@ the weight gradient on ``torch.mm`` (MKL).  On Zen 4, whose AVX-512 runs on 256-
 MKL's AVX2 path is close to oneDNN and ahead of it on most weight gradients: measured on an
 AMD EPYC (Zen 4, family 25 model 17), 2 cores, at ViT-S / DiT-S shapes, oneDNN / MKL
 GFLOP/s 208-217 / 188-203 forward, 208-221 / 187-199 input gradient, but 149-194 / 187-203
-weight gradient; whole training steps alternated in one process ran 1.01-1.03x faster with
-the weight gradients on MKL (docs/speed.md).  Zen 5's full-width AVX-512 keeps all three
-on oneDNN.
+weight gradient.  Whole training steps, alternated in one process, ran 1.02-1.03x faster
+with the weight gradients on MKL at ViViT's 1024-row shapes, and within 1% of oneDNN at
+2048-4096 rows (docs/speed.md).  Zen 5's full-width AVX-512 keeps all three on oneDNN.
 
 So the default is ``onednn-mm-wgrad`` on AMD family 25 with AVX-512 (Zen 4; that family's
 Zen 3 parts lack AVX-512), ``onednn`` on other non-Intel x86 CPUs with AVX-512 (where the
 build has oneDNN), and ``aten`` (torch's own ``F.linear``) elsewhere: a fixed rule, not a
 per-process timing, so the same machine always runs the same kernels.
-``HARNESS_CPU_LINEAR=aten|onednn|onednn-mm-wgrad`` overrides it; every benchmark trial records the path in force as a tag.  The engine only
-holds the setting; ``variants.common.Linear`` obeys it.  CUDA, autocast and other dtypes
-always take ``F.linear``.
+``HARNESS_CPU_LINEAR=aten|onednn|onednn-mm-wgrad`` overrides it; every benchmark trial
+records the path in force as a tag.  The engine only holds the setting;
+``variants.common.Linear`` obeys it.  CUDA, autocast and other dtypes always take
+``F.linear``.
 """
 from __future__ import annotations
 
