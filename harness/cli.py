@@ -163,11 +163,9 @@ def parse_arms(text: str) -> list[str]:
     return arms
 
 
-def with_kernel_paths(step, gelu: str, attention: str, linear: str | None = None):
+def with_kernel_paths(step, gelu: str, attention: str, linear: str):
     """``step`` run with the tanh-GELU path ``gelu``, the CPU attention path ``attention``
-    and the CPU linear path ``linear`` (None: the one in force) in force, all restored after."""
-    linear = linear or cpu_matmul.path()
-
+    and the CPU linear path ``linear`` in force, all restored after."""
     def run():
         with cpu_gelu.using_path(gelu), cpu_attention.using_path(attention), \
                 cpu_matmul.using_path(linear):
@@ -204,8 +202,7 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
         raise ConfigError("--alternate times train steps; it cannot go with --flops-only, --ops or --mfu")
     for arm in arms:  # a linear path this torch build lacks stops here, before any work
         if _linear_arm(arm):
-            with cpu_matmul.using_path(_linear_arm(arm)):
-                pass
+            cpu_matmul.check_path(_linear_arm(arm))
     per_round = max(1, -(-args.steps // args.rounds))
     records = []
     for spec in specs:
@@ -223,7 +220,7 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
                                 attention=attention),
                 gelu="aten" if arm == "aten-gelu" else cpu_gelu.path(),
                 attention="sdpa" if arm == "sdpa-attn" else cpu_attention.path(),
-                linear=_linear_arm(arm))
+                linear=_linear_arm(arm) or cpu_matmul.path())
         times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True, abba=True)
         base = statistics.median(times[arms[0]])
         paired = {arm: paired_ratios(times[arms[0]], t, per_round) for arm, t in times.items()}

@@ -54,6 +54,11 @@ def _weight_grad(gy: torch.Tensor, x: torch.Tensor, mm=None) -> torch.Tensor:
     return mm(x.t(), gy.t()).t().contiguous()  # ((K, M) @ (M, N))^T
 
 
+def _weight_grad_mm(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """gy (M, N)^T @ x (M, K) -> (N, K) on ``torch.mm`` (MKL), transposes read in place."""
+    return gy.t() @ x
+
+
 def _mm_weight_grad() -> bool:
     """Whether the path in force sends weight gradients to ``torch.mm`` (MKL), not oneDNN."""
     return cpu_matmul.path() == "onednn-mm-wgrad"
@@ -61,7 +66,7 @@ def _mm_weight_grad() -> bool:
 
 class _OneDNNLinear(torch.autograd.Function):
     """y = x w^T + b with the forward and the input grad on oneDNN, and the weight grad on
-    oneDNN or, on the ``onednn-mm-wgrad`` path, ``torch.mm`` (MKL, transposes read in place)."""
+    oneDNN or, on the ``onednn-mm-wgrad`` path, ``torch.mm`` (``_weight_grad_mm``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -77,7 +82,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _input_grad(gy, weight)  # (M, K)
         if ctx.needs_input_grad[1]:
-            gw = gy.t() @ x if ctx.mm_wgrad else _weight_grad(gy, x)  # (N, K)
+            gw = _weight_grad_mm(gy, x) if ctx.mm_wgrad else _weight_grad(gy, x)  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(0)
         return gx, gw, gb
@@ -113,7 +118,7 @@ def _compile_op():
         a, b = ctx.saved_tensors
         gb = gy.sum(0) if ctx.has_bias else None
         mm = lambda p, q: op(p, q, None)  # noqa: E731
-        gw = gy.t() @ a if ctx.mm_wgrad else _weight_grad(gy, a, mm=mm)
+        gw = _weight_grad_mm(gy, a) if ctx.mm_wgrad else _weight_grad(gy, a, mm=mm)
         return _input_grad(gy, b, mm=mm), gw, gb
 
     op.register_autograd(backward, setup_context=setup_context)

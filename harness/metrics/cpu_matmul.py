@@ -88,6 +88,7 @@ _choice = KernelChoice(ENV, "CPU linear path", CHOICES, _rule, _unavailable)
 # default_path(): the rule above, or $HARNESS_CPU_LINEAR; path(): the path in force in this
 # process; set_path(name): force one (benchmarks that compare both), returns the old one
 default_path, path, set_path, using_path = _choice.functions()
+check_path = _choice.check  # ConfigError unless the path is a choice this build can run
 
 
 def compare_paths(rows: int, shapes, reps: int = 15) -> list[dict]:
@@ -95,7 +96,7 @@ def compare_paths(rows: int, shapes, reps: int = 15) -> list[dict]:
     on oneDNN, exactly as ``variants.common``'s Linear runs them, and on torch's own ``mm`` (MKL on x86), per (in, out) shape at ``rows`` rows."""
     import torch
 
-    from variants.common import _input_grad, _mm_onednn, _weight_grad
+    from variants.common import _input_grad, _mm_onednn, _weight_grad, _weight_grad_mm
 
     from .speed import median_seconds
     out = []
@@ -103,7 +104,7 @@ def compare_paths(rows: int, shapes, reps: int = 15) -> list[dict]:
         x, gy, w = torch.randn(rows, k), torch.randn(rows, n), torch.randn(n, k)
         arms = {"fwd": (lambda: _mm_onednn(x, w), lambda: x @ w.t()),
                 "dgrad": (lambda: _input_grad(gy, w), lambda: gy @ w),
-                "wgrad": (lambda: _weight_grad(gy, x), lambda: gy.t() @ x)}
+                "wgrad": (lambda: _weight_grad(gy, x), lambda: _weight_grad_mm(gy, x))}
         flop = 2 * rows * k * n
         row = {"rows": rows, "in": k, "out": n}
         for name, (a, b) in arms.items():

@@ -38,13 +38,17 @@ class KernelChoice:
             self._path = self.resolve()
         return self._path
 
-    def set(self, name: str) -> str:
-        """Force ``name`` for this process; returns the old path."""
+    def check(self, name: str) -> None:
+        """ConfigError unless ``name`` is a choice that can run here."""
         if name not in self.choices:
             raise ConfigError(f"{self.label} {name!r}: must be one of {', '.join(self.choices)}")
         why = self.unavailable(name)
         if why:
             raise ConfigError(f"{self.label} {name!r}: {why}")
+
+    def set(self, name: str) -> str:
+        """Force ``name`` for this process; returns the old path."""
+        self.check(name)
         old, self._path = self.get(), name
         return old
 
