@@ -1,5 +1,6 @@
 # `make demo`  set up (first time) + run a smoke study end to end + render its report
-# `make test`  set up (first time) + run the test suite (what CI runs: .ci/run)
+# `make test`  set up (first time; with the optional peer, vit-pytorch, whose comparison has
+#              tests) + run the test suite (what CI runs: .ci/run)
 #
 # Set-up never pulls CUDA wheels on a CPU machine: torch is installed first, pinned
 # (TORCH_SPEC), only when the venv has none; the package then accepts any torch >= 2.3.
@@ -11,6 +12,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
+PEER_SPEC ?= vit-pytorch==1.26.14
 PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -28,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+test: install bench-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
@@ -40,7 +42,7 @@ demo: install
 # the peer implementation for side-by-side speed runs (vit-pytorch imports torchvision at
 # package import, so it is installed without its dependencies and loaded by file)
 bench-deps: install
-	$(PIP) install -q --no-deps "vit-pytorch>=1.7" 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q --no-deps "$(PEER_SPEC)" 2>&1 | $(QUIET_PIP)
 	$(PIP) install -q einops 2>&1 | $(QUIET_PIP)
 
 # Every speed report of docs/speed.md, re-measured on this machine (reports/<study>-<PROFILE><SUFFIX>/):

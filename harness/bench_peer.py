@@ -1,7 +1,7 @@
 """Side by side with a peer implementation (lucidrains' vit-pytorch), and the engine's overhead.
 
-    python -m harness.bench_peer [peer] [--models m2,m3,navit] [--rounds 7] [--json]
-                                 [--out reports/peer_vit_pytorch/README.md]
+    python -m harness.bench_peer [peer] [--models m2,m3,navit] [--rounds 7] [--processes 1]
+                                 [--json] [--out reports/peer_vit_pytorch/README.md]
     python -m harness.bench_peer overhead [--seconds 60] [--json]
     harness bench-peer ...             (the same, through the CLI)
 
@@ -10,8 +10,12 @@ vit-pytorch's ``ViViT(variant='factorized_encoder' | 'factorized_self_attention'
 packed NaViT against its ``NaViT``, at identical configurations verified by equal parameter
 counts (both are built, their counts compared, and a mismatch stops the run).  Train steps
 (forward, cross entropy, backward, AdamW) and inference are timed in one process, ours and
-theirs alternating within each round (so background load hits both alike); medians per arm;
-``ratio = ours samples/s / theirs samples/s`` (> 1: ours is faster).
+theirs alternating within each round, every other round in reverse order (so background
+load hits both alike); medians per arm; ``ratio = ours samples/s / theirs samples/s`` (> 1:
+ours is faster), and the paired ratio (the median of the within-round ratios) with the
+rounds ours won.  ``--processes N`` runs all that in N fresh processes, one after another,
+and reports the median over them with every process's ratio: the ratio moves between
+processes by more than between rounds (``run_processes``).
 
 vit-pytorch is an optional peer (``pip install --no-deps vit-pytorch einops``): its package
 ``__init__`` imports torchvision, so its ``vivit.py`` and ``na_vit.py`` are loaded by file
@@ -42,7 +46,7 @@ from torch import nn
 
 from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
 from .metrics.peak import OtherLoad
-from .metrics.speed import adamw, alternate, set_threads
+from .metrics.speed import adamw, alternate, paired_ratios, set_threads
 from .tracking import cpu_model
 
 PEER = "vit-pytorch"
@@ -258,6 +262,9 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
             times = race({"ours": ours, "theirs": theirs}, inputs, labels, mode == "train",
                          args.warmup, args.rounds, device)
         row[f"{mode}_other_cpu_cores"] = other.cores
+        paired = paired_ratios(times["theirs"], times["ours"])  # > 1: ours faster that round
+        row[f"{mode}_paired_ratio"] = statistics.median(paired)
+        row[f"{mode}_rounds_faster"] = sum(p > 1 for p in paired)
         for who, t in times.items():
             med = statistics.median(t)
             row[f"{who}_{mode}_step_ms_median"] = med * 1e3
@@ -277,7 +284,35 @@ def hardware() -> dict:
     return out
 
 
+PEER_MODELS = ("m2", "m3", "navit")
+
+
+def peer_models(text: str) -> list[str]:
+    """``--models``' comma list, checked (ConfigError before any work)."""
+    from .errors import ConfigError
+    wanted = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in wanted if m not in PEER_MODELS]
+    if bad or not wanted:
+        raise ConfigError(f"--models {text!r}: unknown {', '.join(bad) or '(empty)'}; "
+                          f"valid: {', '.join(PEER_MODELS)}")
+    return wanted
+
+
+def check_args(args) -> None:
+    """ConfigError for a bad model list, a missing peer or a count out of range, before any work."""
+    from .errors import ConfigError
+    for flag, value, least in (("--processes", args.processes, 1), ("--rounds", args.rounds, 1),
+                               ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    for name in {"na_vit" if m == "navit" else "vivit" for m in peer_models(args.models)}:
+        peer_module(name)  # vit-pytorch installed?
+
+
 def run_peer(args) -> dict:
+    check_args(args)
+    if args.processes > 1:
+        return run_processes(args)
     device = torch.device(args.device)
     malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:
@@ -290,7 +325,7 @@ def run_peer(args) -> dict:
         cpu_attention.set_path(args.attn)
     load_before = os.getloadavg()
     rows = []
-    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    wanted = peer_models(args.models)
     gen = torch.Generator().manual_seed(0)
     for m in wanted:
         if m in ("m2", "m3"):
@@ -315,9 +350,6 @@ def run_peer(args) -> dict:
                             f"{max(max(s) for s in sizes)} px (skew 2), patch {args.patch}"
             rows.append(compare("NaViT (packed)", ours, PeerNaViT(theirs, args.max_seq_len),
                                 (images,), args.images, args.classes, args, device, cfg))
-        else:
-            from .errors import ConfigError
-            raise ConfigError(f"--models: unknown {m!r}; valid: m2, m3, navit")
     return {"bench": "peer", "peer": PEER, "peer_version": peer_version(), "device": str(device),
             "rounds": args.rounds, "warmup": args.warmup, "load_avg_before": load_before,
             "ours_cpu_linear": cpu_matmul.path(), "ours_cpu_gelu": cpu_gelu.path(),
@@ -326,9 +358,80 @@ def run_peer(args) -> dict:
             "command": "python -m harness.bench_peer " + " ".join(args.argv)}
 
 
+def child_argv(argv: list[str]) -> list[str]:
+    """``argv`` without ``--processes``, ``--out`` and ``--json`` (each child process runs the
+    comparison once and prints its record as JSON; the parser takes no abbreviations)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--processes", "--out"):
+            skip = True
+        elif not (a == "--json" or a.startswith(("--processes=", "--out="))):
+            out.append(a)
+    return out
+
+
+def run_processes(args) -> dict:
+    """The whole comparison once in each of ``args.processes`` fresh processes, one after
+    another, merged by ``merge_processes``.  Between processes on the same quiet machine the
+    train ratio moved by more than between the rounds of one process (measured on the Zen 4
+    of docs/speed.md: ViViT Model 2 at 1.00 to 1.05 in eight processes), so one process is
+    one sample of the ratio, not the ratio."""
+    import subprocess
+
+    from .errors import TrialFailed
+    cmd = [sys.executable, "-m", "harness.bench_peer", *child_argv(args.argv), "--json"]
+    runs = []
+    for i in range(args.processes):
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in p.stdout.splitlines() if line.strip()]
+        if p.returncode != 0 or not lines:
+            raise TrialFailed(f"bench-peer process {i + 1} of {args.processes} exited "
+                              f"{p.returncode}: {p.stderr.strip()[-2000:]}")
+        runs.append(json.loads(lines[-1]))
+    merged = merge_processes(runs)
+    merged["command"] = "python -m harness.bench_peer " + " ".join(args.argv)
+    return merged
+
+
+def merge_processes(runs: list[dict]) -> dict:
+    """One record from several processes' records: per model, each figure is the median
+    over the processes (a ratio: the median of the processes' ratios, its values kept as
+    ``<ratio>_per_process``), rounds faster are summed, other-process load is the highest."""
+    rows = []
+    for i, row in enumerate(runs[0]["rows"]):
+        each = [r["rows"][i] for r in runs]
+        merged = {k: row[k] for k in ("model", "params", "batch_size", "config")}
+        for k, v in row.items():
+            if k in merged or not isinstance(v, (int, float)):
+                continue
+            vals = [e[k] for e in each]
+            if k.endswith("_rounds_faster"):
+                merged[k] = sum(vals)
+            elif k.endswith("_other_cpu_cores"):
+                merged[k] = max(vals)
+            else:
+                merged[k] = statistics.median(vals)
+            if k.endswith("_ratio"):
+                merged[f"{k}_per_process"] = vals
+        rows.append(merged)
+    return {**runs[0], "rows": rows, "processes": len(runs),
+            "load_avg_after": runs[-1]["load_avg_after"]}
+
+
 def render_peer(r: dict) -> str:
     hw = r["hardware"]
     la, lb = r["load_avg_before"], r["load_avg_after"]
+    n = r.get("processes", 1)
+    rounds = r["rounds"] * n
+    many = n > 1
+    method = (f"{r['warmup']} warm-up steps each, then {r['rounds']} rounds alternating ours and "
+              "theirs (every other round in reverse order); median step time")
+    if many:
+        method = (f"the whole comparison in {n} fresh processes, one after another, each: "
+                  f"{method}; the table gives the median over the processes, the ratio's range "
+                  "over them in brackets")
     lines = [f"# Ours vs {r['peer']} {r['peer_version']}", "",
              "Reproduce:", "", "```", r["command"], "```", "",
              f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads, "
@@ -341,20 +444,41 @@ def render_peer(r: dict) -> str:
              f"malloc: `{r.get('malloc', '?')}` for both (harness/metrics/cpu_malloc.py)",
              f"- load average (1/5/15 min) before: {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}, after: "
              f"{lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f}",
-             f"- method: {r['warmup']} warm-up steps each, then {r['rounds']} rounds alternating ours "
-             "and theirs; median step time; train = forward + cross entropy + backward + AdamW; "
-             "ratio = ours samples/s / theirs samples/s (> 1: ours faster); other procs = CPU cores "
-             "other processes used while train / inference were timed (0 = a quiet machine)", "",
+             f"- method: {method}; train = forward + cross entropy + backward + AdamW; "
+             "ratio = ours samples/s / theirs samples/s (> 1: ours faster); paired = the median "
+             "over rounds of theirs' step time / ours in the same round, with the rounds ours "
+             f"won out of {rounds}; other procs = CPU cores other processes used while train / "
+             "inference were timed (0 = a quiet machine)", "",
              "| model | params (both) | batch | train ms ours | train ms theirs | train ratio | "
-             "infer ms ours | infer ms theirs | infer ratio | other procs (cores) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "train paired (rounds won) | infer ms ours | infer ms theirs | infer ratio | "
+             "infer paired (rounds won) | other procs (cores) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(row, key):
+        text = f"**{row[key]:.2f}**"
+        if many:
+            vals = row[f"{key}_per_process"]
+            text += f" ({min(vals):.2f}-{max(vals):.2f})"
+        return text
+
+    def paired(row, mode):
+        if f"{mode}_paired_ratio" not in row:  # a record from before the paired figures
+            return "-"
+        return f"{row[f'{mode}_paired_ratio']:.3f} ({row[f'{mode}_rounds_faster']}/{rounds})"
+
     for row in r["rows"]:
         lines.append(
             f"| {row['model']} | {row['params']:,} | {row['batch_size']} | "
             f"{row['ours_train_step_ms_median']:.1f} | {row['theirs_train_step_ms_median']:.1f} | "
-            f"**{row['train_ratio']:.2f}** | {row['ours_infer_step_ms_median']:.1f} | "
-            f"{row['theirs_infer_step_ms_median']:.1f} | **{row['infer_ratio']:.2f}** | "
+            f"{ratio(row, 'train_ratio')} | {paired(row, 'train')} | "
+            f"{row['ours_infer_step_ms_median']:.1f} | {row['theirs_infer_step_ms_median']:.1f} | "
+            f"{ratio(row, 'infer_ratio')} | {paired(row, 'infer')} | "
             f"{row['train_other_cpu_cores']:.2f} / {row['infer_other_cpu_cores']:.2f} |")
+    if many:
+        lines += ["", "Ratio per process, in the order they ran (train / infer):", ""]
+        for row in r["rows"]:
+            pairs = zip(row["train_ratio_per_process"], row["infer_ratio_per_process"])
+            lines.append(f"- {row['model']}: " + ", ".join(f"{t:.3f} / {i:.3f}" for t, i in pairs))
     lines += ["", "Configurations (ours; theirs adjusted to the same design, see "
               "`harness/bench_peer.py` `match_vivit` / `match_navit`):", ""]
     for row in r["rows"]:
@@ -455,11 +579,16 @@ def render_overhead_md(r: dict, argv: list[str]) -> str:
 # ------------------------------------------------------------------ CLI
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness bench-peer", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="harness bench-peer", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)  # child_argv strips options by full name
     p.add_argument("what", nargs="?", default="peer", choices=("peer", "overhead"))
     p.add_argument("--models", default="m2,m3,navit", help="comma list of m2, m3, navit")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each: ours and theirs)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the whole comparison in this many fresh processes, one after "
+                        "another, and report medians over them (the ratio moves by a few %% "
+                        "between processes)")
     p.add_argument("--batch-size", type=int, default=8, help="ViViT clips per step")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--image-size", type=int, default=64)

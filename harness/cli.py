@@ -178,14 +178,6 @@ def _linear_arm(arm: str) -> str | None:
     return arm[:-len("-linear")] if arm.endswith("-linear") else None
 
 
-def paired_ratios(base: list[float], times: list[float], per_round: int) -> list[float]:
-    """Per round, the base arm's median step time over this arm's: a speed ratio taken
-    within one round, so the machine's drift between rounds cancels."""
-    import statistics
-    return [statistics.median(base[i:i + per_round]) / statistics.median(times[i:i + per_round])
-            for i in range(0, len(times), per_round)]
-
-
 def bench_alternate(args, specs, overrides: dict, device) -> int:
     """Train steps of one model in several arms, alternated in rounds in one process."""
     import statistics
@@ -193,7 +185,7 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
     import torch
 
     from . import registry
-    from .metrics.speed import adamw, alternate, make_train_step
+    from .metrics.speed import adamw, alternate, make_train_step, paired_ratios
     arms = parse_arms(args.alternate)
     device = torch.device(device)
     if args.rounds < 1:

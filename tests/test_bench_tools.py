@@ -75,3 +75,52 @@ def test_linear_path_comparison_refuses_bad_shapes_before_timing(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cpu_matmul.main(argv)
     assert e.value.code == 2 and ("--shapes" in capsys.readouterr().err or "--rows" in argv)
+
+
+def _peer_record(ratios: list[tuple[float, float]], load=(0.0, 0.0, 0.0)) -> dict:
+    """A bench-peer record of one process, as ``run_peer`` returns it (two models)."""
+    rows = []
+    for model, (ours_ms, theirs_ms) in zip(("ViViT Model 2", "NaViT (packed)"), ratios):
+        row = {"model": model, "params": 10, "batch_size": 8, "config": {"m": model}}
+        for mode in ("train", "infer"):
+            row.update({f"{mode}_other_cpu_cores": 0.1, f"{mode}_paired_ratio": theirs_ms / ours_ms,
+                        f"{mode}_rounds_faster": 2, f"ours_{mode}_step_ms_median": ours_ms,
+                        f"theirs_{mode}_step_ms_median": theirs_ms,
+                        f"{mode}_ratio": theirs_ms / ours_ms})
+        rows.append(row)
+    return {"bench": "peer", "peer": "vit-pytorch", "peer_version": "x", "device": "cpu",
+            "rounds": 3, "warmup": 1, "load_avg_before": load, "load_avg_after": load,
+            "hardware": bench_peer.hardware(), "rows": rows, "command": "child"}
+
+
+def test_peer_processes_merge_to_medians_and_keep_every_ratio():
+    runs = [_peer_record([(100.0, 110.0), (50.0, 40.0)]),
+            _peer_record([(100.0, 100.0), (50.0, 50.0)]),
+            _peer_record([(90.0, 108.0), (40.0, 50.0)], load=(1.0, 1.0, 1.0))]
+    m = bench_peer.merge_processes(runs)
+    vivit, navit = m["rows"]
+    assert m["processes"] == 3 and m["load_avg_after"] == (1.0, 1.0, 1.0)
+    assert vivit["train_ratio_per_process"] == pytest.approx([1.1, 1.0, 1.2])
+    assert vivit["train_ratio"] == pytest.approx(1.1)  # the median process, not a pooled ratio
+    assert navit["infer_ratio"] == pytest.approx(1.0) and navit["ours_train_step_ms_median"] == 50.0
+    assert vivit["train_rounds_faster"] == 6 and vivit["config"] == {"m": "ViViT Model 2"}
+    text = bench_peer.render_peer({**m, "command": "python -m harness.bench_peer --processes 3"})
+    assert "**1.10** (1.00-1.20)" in text and "3 fresh processes" in text
+    assert "1.100 / 1.100, 1.000 / 1.000, 1.200 / 1.200" in text
+    assert "(6/9)" in text  # rounds won out of rounds x processes
+
+
+def test_peer_child_processes_drop_only_the_parent_options():
+    argv = ["--models", "m2", "--processes", "3", "--out=r/README.md", "--rounds", "5", "--json",
+            "--processes=2", "--out", "x.md", "--linear", "aten"]
+    assert bench_peer.child_argv(argv) == ["--models", "m2", "--rounds", "5", "--linear", "aten"]
+
+
+@pytest.mark.parametrize("argv, says", [(["--models", "m2,m9"], "unknown m9"),
+                                        (["--processes", "0"], "--processes must be >= 1"),
+                                        (["--rounds", "0"], "--rounds must be >= 1"),
+                                        (["--models", " , "], "unknown (empty)")])
+def test_peer_bad_arguments_stop_before_any_work(argv, says, capsys, tmp_path):
+    out = tmp_path / "peer" / "README.md"
+    assert bench_peer.main([*argv, "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err and not out.parent.exists()

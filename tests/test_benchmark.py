@@ -1,4 +1,5 @@
 """The benchmark task, the speed studies and the peer comparison's matching."""
+import json
 import math
 from pathlib import Path
 
@@ -256,3 +257,29 @@ def test_peer_models_match_parameter_counts():
     assert bp.n_params(ours) == bp.n_params(theirs)
     images = [torch.rand(3, 8, 16), torch.rand(3, 16, 16), torch.rand(3, 4, 8)]
     assert bp.PeerNaViT(theirs, 16)(images).shape == ours(images).shape == (3, 5)
+
+
+def test_peer_report_from_several_processes(tmp_path):
+    """Each process runs the whole comparison (fresh heap, fresh kernels); the report gives
+    the medians, every process's ratio, and the paired ratio with its rounds."""
+    pytest.importorskip("einops")
+    bp = pytest.importorskip("harness.bench_peer")
+    try:
+        bp.peer_module("vivit")
+    except Exception as e:
+        pytest.skip(f"vit-pytorch not installed: {e}")
+    out = tmp_path / "peer" / "README.md"
+    assert bp.main(["--models", "m3", "--processes", "2", "--rounds", "2", "--warmup", "1",
+                    "--frames", "4", "--image-size", "16", "--tubelet", "2", "8", "8", "--dim", "32",
+                    "--heads", "2", "--depth", "1", "--classes", "5", "--batch-size", "2",
+                    "--out", str(out)]) == 0
+    r = json.loads((out.parent / "results.json").read_text())
+    (row,) = r["rows"]
+    assert r["processes"] == 2 and row["model"] == "ViViT Model 3"
+    for mode in ("train", "infer"):
+        each = row[f"{mode}_ratio_per_process"]
+        assert len(each) == 2 and all(v > 0 for v in each)
+        assert row[f"{mode}_ratio"] == pytest.approx(sum(each) / 2)  # median of two
+        assert 0 <= row[f"{mode}_rounds_faster"] <= 4 and row[f"{mode}_paired_ratio"] > 0
+    text = out.read_text()
+    assert "--processes 2" in text and "2 fresh processes" in text and "Ratio per process" in text

@@ -113,9 +113,10 @@ def test_bench_alternate_times_each_arm_in_rounds(capsys):
 
 
 def test_paired_ratios_compare_arms_within_each_round():
+    from harness.metrics import speed
     # round 1: base 2 s vs 1 s (2x), round 2: base 4 s vs 8 s (0.5x); per_round 2 takes medians
-    assert cli.paired_ratios([2.0, 4.0], [1.0, 8.0], 1) == [2.0, 0.5]
-    assert cli.paired_ratios([1.0, 3.0, 4.0, 4.0], [1.0, 1.0, 8.0, 8.0], 2) == [2.0, 0.5]
+    assert speed.paired_ratios([2.0, 4.0], [1.0, 8.0], 1) == [2.0, 0.5]
+    assert speed.paired_ratios([1.0, 3.0, 4.0, 4.0], [1.0, 1.0, 8.0, 8.0], 2) == [2.0, 0.5]
 
 
 def test_bench_alternate_kernel_arms_run_their_paths_and_restore_them(capsys):

@@ -163,6 +163,13 @@ def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_r
     return times
 
 
+def paired_ratios(base: list[float], times: list[float], per_round: int = 1) -> list[float]:
+    """Per round, the base arm's median step time over this arm's: a speed ratio taken
+    within one round, so the machine's drift between rounds cancels."""
+    return [statistics.median(base[i:i + per_round]) / statistics.median(times[i:i + per_round])
+            for i in range(0, len(times), per_round)]
+
+
 def time_steps_probed(step, device: torch.device, warmup: int, steps: int,
                       probe) -> tuple[list[float], list[float]]:
     """``time_steps`` with ``probe()`` (the machine's GEMM rate now, ``peak.gemm_probe``)
