@@ -47,7 +47,7 @@ bench-deps: install
 
 # Every speed report of docs/speed.md, re-measured on this machine (reports/<study>-<PROFILE><SUFFIX>/):
 #   make speed-reports                                  CPU: about 45 minutes on 2 idle AMD Zen 5
-#       cores, about 100 on 2 Zen 4 cores (without speed_paths); on a CPU without native
+#       cores, about 105 on 2 Zen 4 cores (without speed_paths); on a CPU without native
 #       bf16 (AVX2 only) run speed_dit's cpu-fp32 profile instead (about 37 min on 2 Zen 3 cores)
 #   make speed-reports PROFILE=gpu SUFFIX=-h100         on a GPU (the gpu profiles, bf16)
 #   make gpu-target SUFFIX=-h100                        the GPU checks alone, in minutes: DiT-B/2
@@ -67,7 +67,7 @@ speed-reports: bench-deps
 	$(call studies,$(SPEED_STUDIES),$(PROFILE))
 	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --out reports/packing_bench-$(PROFILE)$(SUFFIX)/README.md
 	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --skew 4 --out reports/packing_bench-$(PROFILE)$(SUFFIX)-skew4/README.md
-	$(PY) -m harness.bench_peer --rounds 9 --out reports/peer_vit_pytorch$(SUFFIX)/README.md
+	$(PY) -m harness.bench_peer --processes 5 --rounds 9 --out reports/peer_vit_pytorch$(SUFFIX)/README.md
 	$(PY) -m harness.bench_peer overhead --seconds 60 --out reports/overhead$(SUFFIX)/README.md
 
 gpu-target: install
