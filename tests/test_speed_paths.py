@@ -23,11 +23,34 @@ needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(),
 
 
 @pytest.fixture(params=cpu_matmul.ONEDNN_PATHS)
-def onednn_path(request):
-    """Force each oneDNN path whatever this CPU's default is, so every path is tested."""
+def onednn_path(request, monkeypatch):
+    """Force each oneDNN path whatever this CPU's default is, so every path is tested, with
+    the narrow-layer cut lifted (the layers here are small)."""
+    monkeypatch.setattr(cpu_matmul, "ONEDNN_MIN_FEATURES", 1)
     old = cpu_matmul.set_path(request.param)
     yield request.param
     cpu_matmul.set_path(old)
+
+
+@needs_onednn
+@pytest.mark.parametrize("path", cpu_matmul.ONEDNN_PATHS)
+def test_narrow_layers_take_f_linear_on_every_path(path):
+    """Below ONEDNN_MIN_FEATURES in or out features the oneDNN path's per-call cost loses to
+    F.linear (docs/speed.md), so such layers skip it; a layer at the cut takes it."""
+    cut = cpu_matmul.ONEDNN_MIN_FEATURES
+    with cpu_matmul.using_path(path):
+        x = torch.randn(4, cut)
+        assert common._use_onednn(x, torch.randn(cut, cut))
+        assert not common._use_onednn(x, torch.randn(cut - 1, cut))      # narrow output
+        assert not common._use_onednn(torch.randn(4, cut - 1), torch.randn(4 * cut, cut - 1))
+
+
+@needs_onednn
+def test_layer_timings_cover_every_path_and_restore_the_cut():
+    cut = cpu_matmul.ONEDNN_MIN_FEATURES
+    (row,) = cpu_matmul.compare_layers(8, [(16, 24)], reps=2)
+    assert {p for p in cpu_matmul.CHOICES if row.get(p, 0) > 0} == set(cpu_matmul.CHOICES)
+    assert cpu_matmul.ONEDNN_MIN_FEATURES == cut
 
 
 @needs_onednn
@@ -147,7 +170,8 @@ def test_harness_cli_rejects_a_bad_cpu_linear_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("path", ["aten", *(pytest.param(p, marks=needs_onednn)
                                            for p in cpu_matmul.ONEDNN_PATHS)])
-def test_compiled_linear_matches_eager(path):
+def test_compiled_linear_matches_eager(path, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "ONEDNN_MIN_FEATURES", 1)  # the layers here are small
     old = cpu_matmul.set_path(path)
     try:
         _compiled_linear_matches_eager()

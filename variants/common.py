@@ -9,7 +9,8 @@ silently dropped.
 
 Every projection is a ``Linear`` (an ``nn.Linear``: same parameters, init and state
 dict) whose fp32 CPU matmuls, forward and backward, run on the library that
-``harness.metrics.cpu_matmul`` picks for this CPU: torch's ``F.linear`` (MKL) on Intel and
+``harness.metrics.cpu_matmul`` picks for this CPU (layers narrower than its
+``ONEDNN_MIN_FEATURES`` always on ``F.linear``): torch's ``F.linear`` (MKL) on Intel and
 on CPUs without AVX-512, and oneDNN (``linear()``) on AMD with AVX-512, where MKL takes an
 AVX2 path at about half of what the cores do (measured on an AMD EPYC Zen 5: 2 cores, ~100
 vs ~230 GFLOP/s per core; see docs/speed.md); on Zen 4 the weight gradients go to
@@ -131,6 +132,7 @@ _ONEDNN_OP = _compile_op()
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32
             and cpu_matmul.path() in cpu_matmul.ONEDNN_PATHS
+            and min(weight.shape) >= cpu_matmul.ONEDNN_MIN_FEATURES
             and weight.dtype == torch.float32 and x.numel() > 0 and x.dim() >= 2
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not _cpu_autocast()

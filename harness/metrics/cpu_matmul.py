@@ -25,6 +25,17 @@ weight gradient.  Whole training steps, alternated in one process, ran 1.02-1.03
 with the weight gradients on MKL at ViViT's 1024-row shapes, and within 1% of oneDNN at
 2048-4096 rows (docs/speed.md).  Zen 5's full-width AVX-512 keeps all three on oneDNN.
 
+Narrow layers stay on ``F.linear`` on every path: below ``ONEDNN_MIN_FEATURES`` input or
+output features, the oneDNN path's fixed cost per call (its autograd Function, in Python)
+outweighs its faster kernel.  Measured on the Zen 4 (``python -m harness.metrics.cpu_matmul
+--layers``: a whole Linear forward + backward), layers of 64-128 features ran at 0.44-0.98x
+of ``F.linear``'s speed in 16 of 18 shapes at 64-1024 rows; whole train steps of the
+quality studies' width-64 models ran at 0.92x (vit-digits), 0.99x (ViViT-Ti) and 0.93x
+(NaViT-Ti) on ``onednn-mm-wgrad`` without the cut, and at parity with it.  So those models
+run on ``F.linear``, and every layer of ViT-S / DiT-S / NaViT-Ti (192) and wider on the
+chosen path.  On Zen 5, whose MKL runs at half speed, the cut may be conservative (not
+measured there).
+
 So the default is ``onednn-mm-wgrad`` on AMD family 25 with AVX-512 (Zen 4; that family's
 Zen 3 parts lack AVX-512), ``onednn`` on other non-Intel x86 CPUs with AVX-512 (where the
 build has oneDNN), and ``aten`` (torch's own ``F.linear``) elsewhere: a fixed rule, not a
@@ -44,6 +55,7 @@ from .kernel_choice import KernelChoice
 CHOICES = ("aten", "onednn", "onednn-mm-wgrad")
 ONEDNN_PATHS = ("onednn", "onednn-mm-wgrad")  # the paths whose forward runs on oneDNN
 ENV = "HARNESS_CPU_LINEAR"
+ONEDNN_MIN_FEATURES = 192  # narrower Linears (in or out features) take F.linear on any path
 
 
 def cpu_vendor() -> str:
@@ -114,6 +126,38 @@ def compare_paths(rows: int, shapes, reps: int = 15) -> list[dict]:
     return out
 
 
+def compare_layers(rows: int, shapes, reps: int = 40) -> list[dict]:
+    """Milliseconds of one whole Linear forward + backward (input, weight and bias
+    gradients) through ``variants.common.linear`` on each path this build has, with the
+    ``ONEDNN_MIN_FEATURES`` cut lifted, per (in, out) shape at ``rows`` rows."""
+    import torch
+
+    from harness.metrics import cpu_matmul as cm  # what the models read (this may be __main__)
+    from variants.common import linear
+
+    from .speed import median_seconds
+    paths = [p for p in CHOICES if p == "aten" or onednn_available()]
+    cut, cm.ONEDNN_MIN_FEATURES = cm.ONEDNN_MIN_FEATURES, 0
+    out = []
+    try:
+        for k, n in shapes:
+            x = torch.randn(rows, k, requires_grad=True)
+            w, b = torch.randn(n, k, requires_grad=True), torch.randn(n, requires_grad=True)
+            gy = torch.randn(rows, n)
+
+            def step():
+                linear(x, w, b).backward(gy)
+                x.grad = w.grad = b.grad = None
+            row = {"rows": rows, "in": k, "out": n}
+            for p in paths:
+                with cm.using_path(p):
+                    row[p] = median_seconds(step, reps, warmup=5) * 1e3
+            out.append(row)
+    finally:
+        cm.ONEDNN_MIN_FEATURES = cut
+    return out
+
+
 def _shape(text: str) -> tuple[int, int]:
     import argparse
     try:
@@ -133,14 +177,20 @@ def main(argv: list[str] | None = None) -> int:
                                 "per shape (forward, input gradient, weight gradient)")
     p.add_argument("--rows", type=int, nargs="+", default=[1024, 4096], help="rows (tokens x batch)")
     p.add_argument("--shapes", nargs="+", type=_shape, metavar="INxOUT",
-                   default=[(384, 1152), (384, 384), (384, 1536), (1536, 384)],
-                   help="IN x OUT features, e.g. 384x1152 (default: the ViT-S / DiT-S Linears)")
+                   help="IN x OUT features, e.g. 384x1152 (default: the ViT-S / DiT-S Linears; "
+                        "with --layers also narrower ones)")
+    p.add_argument("--layers", action="store_true",
+                   help="time whole Linear layers (forward + backward, as the models run them) "
+                        "on each path instead, ms, the narrow-layer cut lifted")
     a = p.parse_args(argv)
     if min(a.rows) < 1:
         p.error(f"--rows must be >= 1, got {a.rows}")
     if not onednn_available():
         raise SystemExit("oneDNN is not available in this torch build")
-    shapes = a.shapes
+    if a.layers:
+        return _print_layers(a.rows, a.shapes or [(64, 192), (128, 384), (192, 576), (384, 1152),
+                                                  (384, 1536), (1536, 384)])
+    shapes = a.shapes or [(384, 1152), (384, 384), (384, 1536), (1536, 384)]
     avx512 = "with" if "avx512f" in cpu_flags() else "without"
     print(f"fp32 GFLOP/s, oneDNN / torch.mm, median of 15; CPU vendor {cpu_vendor()}, {avx512} "
           f"AVX-512; default path {default_path()}")
@@ -148,6 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         for r in compare_paths(m, shapes):
             print(f"rows {m:5d}  {r['in']:5d} -> {r['out']:5d}:  " + "   ".join(
                 f"{k} {r[k + '_onednn']:4.0f} / {r[k + '_mm']:4.0f}" for k in ("fwd", "dgrad", "wgrad")))
+    return 0
+
+
+def _print_layers(rows: list[int], shapes) -> int:
+    print(f"ms per Linear forward + backward, median of 40, per path (speed vs aten); CPU "
+          f"vendor {cpu_vendor()}; default path {default_path()}; layers narrower than "
+          f"{ONEDNN_MIN_FEATURES} features take aten on every path")
+    for m in rows:
+        for r in compare_layers(m, shapes):
+            cells = [f"{p} {r[p]:7.3f}" + ("" if p == "aten" else f" ({r['aten'] / r[p]:.2f}x)")
+                     for p in CHOICES if p in r]
+            print(f"rows {m:5d}  {r['in']:5d} -> {r['out']:5d}:  " + "   ".join(cells))
     return 0
 
 
