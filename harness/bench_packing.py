@@ -255,8 +255,8 @@ def render_report(r: dict) -> str:
         "Reproduce:", "", "```", r["command"], "```", "",
         f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {r['threads']} torch threads, "
         f"{hw.get('gpu', 'no GPU')}; device `{r['device']}`",
-        f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}; "
-        f"malloc `{r.get('malloc', '')}` (harness/metrics/cpu_malloc.py)",
+        f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}, "
+        f"this code at git `{hw.get('git_sha', '?')}`; malloc `{r.get('malloc', '')}` (harness/metrics/cpu_malloc.py)",
         f"- dense matmul peak measured in the same run: {peak}",
         f"- load average (1 min, highest seen): {r['load_avg_1m']:.2f} on {r['cpu_count']} cores",
         f"- model: {r['variant']}, depth {r['depth']}, width {r['hidden_size']}, same weights in "

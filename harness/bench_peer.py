@@ -47,7 +47,7 @@ from torch import nn
 from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate, paired_ratios, set_threads
-from .tracking import cpu_model
+from .tracking import cpu_model, git_sha
 
 PEER = "vit-pytorch"
 
@@ -278,7 +278,7 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
 def hardware() -> dict:
     out = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_sha": git_sha()}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out
@@ -436,7 +436,8 @@ def render_peer(r: dict) -> str:
              "Reproduce:", "", "```", r["command"], "```", "",
              f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads, "
              f"{hw.get('gpu', 'no GPU')}; device `{r['device']}`",
-             f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}; our "
+             f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}, "
+             f"this code at git `{hw.get('git_sha', '?')}`; our "
              f"fp32 CPU Linear path: `{r.get('ours_cpu_linear', '?')}` (theirs: torch's `F.linear`); "
              f"our tanh-GELU path: `{r.get('ours_cpu_gelu', '?')}` (theirs: torch's kernel); "
              f"our CPU attention path: `{r.get('ours_cpu_attention', 'sdpa')}` (theirs: "
@@ -568,7 +569,7 @@ def render_overhead_md(r: dict, argv: list[str]) -> str:
         "# Engine overhead of a one-minute trial", "", "Reproduce:", "", "```",
         "python -m harness.bench_peer " + " ".join(argv), "```", "",
         f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads; "
-        f"torch {hw['torch']}, Python {hw['python']}",
+        f"torch {hw['torch']}, Python {hw['python']}, this code at git `{hw.get('git_sha', '?')}`",
         "- what runs: one `classify` trial of vit-digits through the real engine (Optuna on "
         "embedded SQLite, MLflow on embedded SQLite, FLOP counting, the per-trial speed probe, "
         "metric logging every evaluation), in a temporary runs folder",

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from harness import bench_packing, bench_peer
+from harness.tracking import git_sha
 
 
 def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsys):
@@ -25,6 +26,7 @@ def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsy
     assert r["peak_fp32_tflops"] > 0 and math.isfinite(r["peak_fp32_tflops"])
     assert f"{r['ideal_speedup']:.2f}x" in text and "peak measured in the same run" in text
     assert "python -m harness.bench_packing --depth 1" in text and "| pack | train |" in text
+    assert f"this code at git `{git_sha()}`" in text  # which code made the figures
 
 
 def test_packing_benchmark_refuses_a_non_navit_variant(capsys):
@@ -40,7 +42,7 @@ def test_overhead_report_breaks_a_real_trial_down(tmp_path):
     assert r["overhead_time_s"] == pytest.approx(r["trial_time_s"] - r["task_time_s"], abs=0.05)
     assert 0 <= r["overhead_frac"] < 1
     assert r["task_bookkeeping_s"] > 0  # the task logged to MLflow: counted as overhead, not task
-    assert "target <= 5%" in out.read_text()
+    assert "target <= 5%" in out.read_text() and f"git `{git_sha()}`" in out.read_text()
 
 
 def test_cpu_identity_names_family_and_model():
