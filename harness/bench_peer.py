@@ -376,8 +376,9 @@ def run_processes(args) -> dict:
     """The whole comparison once in each of ``args.processes`` fresh processes, one after
     another, merged by ``merge_processes``.  On the same quiet machine the train ratio moves
     between processes, for reasons not pinned down (each has its own heap and addresses): in
-    the five processes of reports/peer_vit_pytorch-zen4, ViViT Model 2's ran from 1.004 to
-    1.043.  So one process is one sample of the ratio, not the ratio."""
+    two five-process runs on the Zen 4 of docs/speed.md, ViViT Model 2's ran from 1.004 to
+    1.056, its median 1.02 in one run and 1.04 in the other.  So one process is one sample
+    of the ratio, not the ratio."""
     import subprocess
 
     from .errors import TrialFailed
