@@ -398,8 +398,9 @@ def run_processes(args) -> dict:
 
 def merge_processes(runs: list[dict]) -> dict:
     """One record from several processes' records: per model, each figure is the median
-    over the processes (a ratio: the median of the processes' ratios, its values kept as
-    ``<ratio>_per_process``), rounds faster are summed, other-process load is the highest."""
+    over the processes (a ratio: the median of the processes' ratios), with every process's
+    ratios and median step times kept as ``<key>_per_process``; rounds faster are summed,
+    other-process load is the highest."""
     rows = []
     for i, row in enumerate(runs[0]["rows"]):
         each = [r["rows"][i] for r in runs]
@@ -414,7 +415,7 @@ def merge_processes(runs: list[dict]) -> dict:
                 merged[k] = max(vals)
             else:
                 merged[k] = statistics.median(vals)
-            if k.endswith("_ratio"):
+            if k.endswith(("_ratio", "_step_ms_median")):
                 merged[f"{k}_per_process"] = vals
         rows.append(merged)
     return {**runs[0], "rows": rows, "processes": len(runs),
@@ -477,10 +478,15 @@ def render_peer(r: dict) -> str:
             f"{ratio(row, 'infer_ratio')} | {paired(row, 'infer')} | "
             f"{row['train_other_cpu_cores']:.2f} / {row['infer_other_cpu_cores']:.2f} |")
     if many:
-        lines += ["", "Ratio per process, in the order they ran (train / infer):", ""]
+        lines += ["", "Per process, in the order they ran: train ratio (ours / theirs median ms), "
+                  "infer ratio:", ""]
         for row in r["rows"]:
-            pairs = zip(row["train_ratio_per_process"], row["infer_ratio_per_process"])
-            lines.append(f"- {row['model']}: " + ", ".join(f"{t:.3f} / {i:.3f}" for t, i in pairs))
+            each = zip(row["train_ratio_per_process"],
+                       row.get("ours_train_step_ms_median_per_process", [float("nan")] * n),
+                       row.get("theirs_train_step_ms_median_per_process", [float("nan")] * n),
+                       row["infer_ratio_per_process"])
+            lines.append(f"- {row['model']}: " + ", ".join(
+                f"{t:.3f} ({o:.0f} / {th:.0f}) / {i:.3f}" for t, o, th, i in each))
     lines += ["", "Configurations (ours; theirs adjusted to the same design, see "
               "`harness/bench_peer.py` `match_vivit` / `match_navit`):", ""]
     for row in r["rows"]:

@@ -108,7 +108,8 @@ def test_peer_processes_merge_to_medians_and_keep_every_ratio():
     assert vivit["train_rounds_faster"] == 6 and vivit["config"] == {"m": "ViViT Model 2"}
     text = bench_peer.render_peer({**m, "command": "python -m harness.bench_peer --processes 3"})
     assert "**1.10** (1.00-1.20)" in text and "3 fresh processes" in text
-    assert "1.100 / 1.100, 1.000 / 1.000, 1.200 / 1.200" in text
+    assert "1.100 (100 / 110) / 1.100, 1.000 (100 / 100) / 1.000, 1.200 (90 / 108) / 1.200" in text
+    assert vivit["ours_train_step_ms_median_per_process"] == [100.0, 100.0, 90.0]
     assert "(6/9)" in text  # rounds won out of rounds x processes
 
 

@@ -282,4 +282,5 @@ def test_peer_report_from_several_processes(tmp_path):
         assert row[f"{mode}_ratio"] == pytest.approx(sum(each) / 2)  # median of two
         assert 0 <= row[f"{mode}_rounds_faster"] <= 4 and row[f"{mode}_paired_ratio"] > 0
     text = out.read_text()
-    assert "--processes 2" in text and "2 fresh processes" in text and "Ratio per process" in text
+    assert "--processes 2" in text and "2 fresh processes" in text and "Per process, in the order" in text
+    assert len(row["ours_train_step_ms_median_per_process"]) == 2
