@@ -65,8 +65,8 @@ studies = for s in $(1); do \
 
 speed-reports: bench-deps
 	$(call studies,$(SPEED_STUDIES),$(PROFILE))
-	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --out reports/packing_bench-$(PROFILE)$(SUFFIX)/README.md
-	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --skew 4 --out reports/packing_bench-$(PROFILE)$(SUFFIX)-skew4/README.md
+	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --processes 3 --out reports/packing_bench-$(PROFILE)$(SUFFIX)/README.md
+	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --processes 3 --skew 4 --out reports/packing_bench-$(PROFILE)$(SUFFIX)-skew4/README.md
 	$(PY) -m harness.bench_peer --processes 5 --rounds 9 --out reports/peer_vit_pytorch$(SUFFIX)/README.md
 	$(PY) -m harness.bench_peer overhead --seconds 60 --out reports/overhead$(SUFFIX)/README.md
 

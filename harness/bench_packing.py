@@ -1,13 +1,16 @@
 """Does packing pay?  Images/s of NaViT packing vs padding, same backbone, same weights.
 
-    python -m harness.bench_packing [--variant navit-ti] [--batch-size 64] [--skew 2] [--json]
+    python -m harness.bench_packing [--variant navit-ti] [--batch-size 64] [--skew 2]
+                                    [--processes 1] [--json] [--out DIR/README.md]
     harness bench-packing ...          (the same, through the CLI)
 
 One batch of images from a skewed resolution distribution (most small, a few large) is run
 by two copies of one model that differ only in ``batching``: "pack" (NaViT) and "pad" (each
 sequence padded to the longest, key-padding mask).  Train steps (forward, cross entropy,
 backward, AdamW) and inference are timed apart: warm-up steps, then timed steps alternating
-pack and pad (so a change in background load hits both arms alike), median per arm.
+pack and pad, every other round in reverse order (so a change in background load hits both
+arms alike), median per arm.  ``--processes N`` repeats the whole measurement in N fresh
+processes and reports the medians with each process's figures (``harness.processes``).
 
     ideal speedup   = padded tokens / real tokens (the pad batch's tokens over the images' own)
     measured        = pack images/s / pad images/s
@@ -57,7 +60,8 @@ def build_arms(variant: str, overrides: dict, arms: dict[str, dict], device: tor
 
 def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, train: bool,
               warmup: int, steps: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step of each arm; timed steps alternate between arms."""
+    """Seconds per step of each arm; timed steps alternate between arms, every other
+    round in reverse order."""
     steps_fn = {}
     for name, model in models.items():
         if train:
@@ -75,16 +79,25 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
                 with torch.inference_mode():
                     model(images)
         steps_fn[name] = step
-    return alternate(steps_fn, device, warmup, rounds=steps)
+    return alternate(steps_fn, device, warmup, rounds=steps, abba=True)
 
 
-def run(args: argparse.Namespace) -> dict:
+def check_args(args: argparse.Namespace) -> None:
+    """ConfigError for a variant that is not NaViT or a count out of range, before any work."""
     from . import registry
     from .errors import ConfigError
     if registry.get(args.variant).family != "navit":
         valid = ", ".join(v.name for v in registry.list_variants(family="navit"))
         raise ConfigError(f"--variant {args.variant}: bench-packing times NaViT batching; "
                           f"valid: {valid}")
+    for flag, value, least in (("--processes", args.processes, 1), ("--steps", args.steps, 1),
+                               ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_args(args)
     device = torch.device(args.device)
     malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:
@@ -157,6 +170,19 @@ def timed_arms(r: dict) -> list[str]:
     return sorted({k[:-len("_train_step_ms_median")] for k in r if k.endswith("_train_step_ms_median")})
 
 
+def per_process(r: dict) -> list[str]:
+    """Each process's fraction of the ideal, per arm and mode, where several processes ran."""
+    if r.get("processes", 1) <= 1:
+        return []
+    out = []
+    for mode in ("train", "infer"):
+        for a in timed_arms(r):
+            each = r.get(f"{a}_{mode}_fraction_of_ideal_per_process")
+            if each:
+                out.append(f"{a} {mode}: " + ", ".join(f"{x:.0%}" for x in each))
+    return out
+
+
 def render(r: dict) -> str:
     arms = timed_arms(r)
     lines = [f"bench-packing: {r['variant']} (depth {r['depth']}, width {r['hidden_size']}) on "
@@ -179,6 +205,9 @@ def render(r: dict) -> str:
                 .ljust(47) + f"{r[f'{a}_{mode}_images_per_s']:>11.1f}"
                 + (f"{sp:>8.2f}x{fr:>10.0%}{r[f'{a}_{mode}_speedup_best']:>18.2f}x"
                    if sp is not None else f"{'-':>9}{'-':>10}{'-':>19}"))
+    if r.get("processes", 1) > 1:
+        lines.append(f"  medians over {r['processes']} processes; of ideal per process:")
+        lines += [f"    {line}" for line in per_process(r)]
     if r["device"] == "cpu" and r["load_avg_1m"] > r["cpu_count"]:
         lines.append(f"  warning: the machine was busy (load {r['load_avg_1m']:.1f} on "
                      f"{r['cpu_count']} cores): step times are inflated, pack's more than pad's "
@@ -187,7 +216,8 @@ def render(r: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness bench-packing", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="harness bench-packing", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)  # processes.child_argv strips options by name
     p.add_argument("--variant", default="navit-ti", help="a navit-* variant (default navit-ti)")
     p.add_argument("--depth", type=int, default=4, help="override depth (0: the variant's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
@@ -199,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens per pack")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=7, help="timed steps per arm (median)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the whole measurement in this many fresh processes, one after "
+                        "another, and report medians over them with each process's figures")
     p.add_argument("--paths", action="store_true", help="also time each pack attention path")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -215,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     try:
-        r = run(args)
+        check_args(args)
+        if args.processes > 1:
+            from .processes import merge_numbers, run_in_processes
+            r = merge_numbers(run_in_processes("harness.bench_packing", argv, args.processes))
+            r["processes"] = args.processes
+        else:
+            r = run(args)
     except HarnessError as e:
         print(f"harness bench-packing: {e}", file=sys.stderr)
         return e.exit_code
@@ -245,11 +284,22 @@ def render_report(r: dict) -> str:
     for mode in ("train", "infer"):
         for a in arms:
             sp = r.get(f"{a}_{mode}_speedup")
+            each = r.get(f"{a}_{mode}_fraction_of_ideal_per_process")
+            spread = f" ({min(each):.0%}-{max(each):.0%})" if each else ""
             rows.append(f"| {a} | {mode} | {r[f'{a}_{mode}_step_ms_median']:.1f} "
                         f"({r[f'{a}_{mode}_step_ms_min']:.1f}-{r[f'{a}_{mode}_step_ms_max']:.1f}) | "
                         f"{r[f'{a}_{mode}_images_per_s']:.1f} | "
-                        + (f"{sp:.2f}x | **{r[f'{a}_{mode}_fraction_of_ideal']:.0%}** |"
+                        + (f"{sp:.2f}x | **{r[f'{a}_{mode}_fraction_of_ideal']:.0%}**{spread} |"
                            if sp is not None else "- | - |"))
+    n = r.get("processes", 1)
+    method = (f"{r['warmup_steps']} warm-up steps, then {r['timed_steps']} timed steps per arm, "
+              "alternating arms (every other round in reverse order); median")
+    if n > 1:
+        method = (f"the whole measurement in {n} fresh processes, one after another, each: "
+                  f"{method}; the table gives the median over the processes (step min-max: "
+                  "over all of them; of ideal: its range over them in brackets)")
+    tail = ["", "Of the ideal, per process in the order they ran:", "",
+            *[f"- {line}" for line in per_process(r)], ""] if n > 1 else [""]
     return "\n".join([
         f"# Does packing pay? NaViT pack vs pad on {r['device']}", "",
         "Reproduce:", "", "```", r["command"], "```", "",
@@ -268,9 +318,8 @@ def render_report(r: dict) -> str:
         f"images/pack), pad {r['pad_padding_fraction']:.1%}",
         f"- **ideal speedup** = (real + padded tokens of pad) / real tokens = "
         f"**{r['ideal_speedup']:.2f}x**; target: pack reaches at least 80% of it",
-        f"- method: {r['warmup_steps']} warm-up steps, then {r['timed_steps']} timed steps per arm, "
-        "alternating arms; median; train = forward + cross entropy + backward + AdamW", "",
-        *rows, ""])
+        f"- method: {method}; train = forward + cross entropy + backward + AdamW", "",
+        *rows, *tail])
 
 
 if __name__ == "__main__":

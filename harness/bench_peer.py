@@ -47,6 +47,7 @@ from torch import nn
 from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate, paired_ratios, set_threads
+from .processes import merge_numbers, run_in_processes
 from .tracking import cpu_model, git_sha
 
 PEER = "vit-pytorch"
@@ -358,66 +359,24 @@ def run_peer(args) -> dict:
             "command": "python -m harness.bench_peer " + " ".join(args.argv)}
 
 
-def child_argv(argv: list[str]) -> list[str]:
-    """``argv`` without ``--processes``, ``--out`` and ``--json`` (each child process runs the
-    comparison once and prints its record as JSON; the parser takes no abbreviations)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--processes", "--out"):
-            skip = True
-        elif not (a == "--json" or a.startswith(("--processes=", "--out="))):
-            out.append(a)
-    return out
-
-
 def run_processes(args) -> dict:
     """The whole comparison once in each of ``args.processes`` fresh processes, one after
-    another, merged by ``merge_processes``.  On the same quiet machine the train ratio moves
-    between processes, for reasons not pinned down (each has its own heap and addresses): in
-    two five-process runs on the Zen 4 of docs/speed.md, ViViT Model 2's ran from 1.004 to
-    1.056, its median 1.02 in one run and 1.04 in the other.  So one process is one sample
-    of the ratio, not the ratio."""
-    import subprocess
-
-    from .errors import TrialFailed
-    cmd = [sys.executable, "-m", "harness.bench_peer", *child_argv(args.argv), "--json"]
-    runs = []
-    for i in range(args.processes):
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in p.stdout.splitlines() if line.strip()]
-        if p.returncode != 0 or not lines:
-            raise TrialFailed(f"bench-peer process {i + 1} of {args.processes} exited "
-                              f"{p.returncode}: {p.stderr.strip()[-2000:]}")
-        runs.append(json.loads(lines[-1]))
+    another (``harness.processes``), merged per model.  On the same quiet machine the train
+    ratio moves between processes, for reasons not pinned down (each has its own heap and
+    addresses): in two five-process runs on the Zen 4 of docs/speed.md, ViViT Model 2's ran
+    from 1.004 to 1.056, its median 1.02 in one run and 1.04 in the other.  So one process
+    is one sample of the ratio, not the ratio."""
+    runs = run_in_processes("harness.bench_peer", args.argv, args.processes)
     merged = merge_processes(runs)
     merged["command"] = "python -m harness.bench_peer " + " ".join(args.argv)
     return merged
 
 
 def merge_processes(runs: list[dict]) -> dict:
-    """One record from several processes' records: per model, each figure is the median
-    over the processes (a ratio: the median of the processes' ratios), with every process's
-    ratios and median step times kept as ``<key>_per_process``; rounds faster are summed,
-    other-process load is the highest."""
-    rows = []
-    for i, row in enumerate(runs[0]["rows"]):
-        each = [r["rows"][i] for r in runs]
-        merged = {k: row[k] for k in ("model", "params", "batch_size", "config")}
-        for k, v in row.items():
-            if k in merged or not isinstance(v, (int, float)):
-                continue
-            vals = [e[k] for e in each]
-            if k.endswith("_rounds_faster"):
-                merged[k] = sum(vals)
-            elif k.endswith("_other_cpu_cores"):
-                merged[k] = max(vals)
-            else:
-                merged[k] = statistics.median(vals)
-            if k.endswith(("_ratio", "_step_ms_median")):
-                merged[f"{k}_per_process"] = vals
-        rows.append(merged)
+    """One record from several processes' records: each model's row merged by
+    ``harness.processes.merge_numbers`` (medians over the processes, every process's ratios
+    and median step times kept as ``<key>_per_process``, rounds won summed)."""
+    rows = [merge_numbers([r["rows"][i] for r in runs]) for i in range(len(runs[0]["rows"]))]
     return {**runs[0], "rows": rows, "processes": len(runs),
             "load_avg_after": runs[-1]["load_avg_after"]}
 
@@ -588,7 +547,7 @@ def render_overhead_md(r: dict, argv: list[str]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness bench-peer", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)  # child_argv strips options by full name
+                                allow_abbrev=False)  # processes.child_argv strips options by name
     p.add_argument("what", nargs="?", default="peer", choices=("peer", "overhead"))
     p.add_argument("--models", default="m2,m3,navit", help="comma list of m2, m3, navit")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each: ours and theirs)")

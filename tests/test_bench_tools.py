@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from harness import bench_packing, bench_peer
+from harness import bench_packing, bench_peer, processes
 from harness.tracking import git_sha
 
 
@@ -116,7 +116,7 @@ def test_peer_processes_merge_to_medians_and_keep_every_ratio():
 def test_peer_child_processes_drop_only_the_parent_options():
     argv = ["--models", "m2", "--processes", "3", "--out=r/README.md", "--rounds", "5", "--json",
             "--processes=2", "--out", "x.md", "--linear", "aten"]
-    assert bench_peer.child_argv(argv) == ["--models", "m2", "--rounds", "5", "--linear", "aten"]
+    assert processes.child_argv(argv) == ["--models", "m2", "--rounds", "5", "--linear", "aten"]
 
 
 @pytest.mark.parametrize("argv, says", [(["--models", "m2,m9"], "unknown m9"),
@@ -126,4 +126,39 @@ def test_peer_child_processes_drop_only_the_parent_options():
 def test_peer_bad_arguments_stop_before_any_work(argv, says, capsys, tmp_path):
     out = tmp_path / "peer" / "README.md"
     assert bench_peer.main([*argv, "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err and not out.parent.exists()
+
+
+def test_merged_numbers_follow_their_kind():
+    recs = [{"batch_size": 8, "x_step_ms_median": 10.0, "x_step_ms_min": 9.0, "x_step_ms_max": 12.0,
+             "train_rounds_faster": 3, "load_avg_1m": 0.5, "flag": True, "name": "a"},
+            {"batch_size": 8, "x_step_ms_median": 14.0, "x_step_ms_min": 8.0, "x_step_ms_max": 15.0,
+             "train_rounds_faster": 3, "load_avg_1m": 1.5, "flag": False, "name": "b"}]
+    m = processes.merge_numbers(recs)
+    assert m["batch_size"] == 8 and isinstance(m["batch_size"], int)  # shared: kept as it was
+    assert m["x_step_ms_median"] == 12.0 and m["x_step_ms_median_per_process"] == [10.0, 14.0]
+    assert (m["x_step_ms_min"], m["x_step_ms_max"]) == (8.0, 15.0)
+    assert m["train_rounds_faster"] == 6 and m["load_avg_1m"] == 1.5  # equal counts still add up
+    assert m["flag"] is True and m["name"] == "a"  # not numbers: the first record's
+
+
+def test_packing_benchmark_over_processes_reports_each(tmp_path):
+    out = tmp_path / "packing" / "README.md"
+    assert bench_packing.main(["--depth", "1", "--batch-size", "8", "--max-size", "16",
+                               "--warmup", "1", "--steps", "1", "--processes", "2",
+                               "--device", "cpu", "--out", str(out)]) == 0
+    r = json.loads((out.parent / "results.json").read_text())
+    each = r["pack_train_fraction_of_ideal_per_process"]
+    assert r["processes"] == 2 and len(each) == 2
+    assert r["pack_train_fraction_of_ideal"] == pytest.approx(sum(each) / 2)  # median of two
+    assert r["batch_size"] == 8 and "--processes 2" in r["command"]
+    text = out.read_text()
+    assert "2 fresh processes" in text and "Of the ideal, per process" in text
+
+
+@pytest.mark.parametrize("argv, says", [(["--processes", "0"], "--processes must be >= 1"),
+                                        (["--steps", "0"], "--steps must be >= 1")])
+def test_packing_benchmark_bad_counts_stop_before_any_work(argv, says, capsys, tmp_path):
+    out = tmp_path / "packing" / "README.md"
+    assert bench_packing.main([*argv, "--device", "cpu", "--out", str(out)]) == 2
     assert says in capsys.readouterr().err and not out.parent.exists()
