@@ -85,19 +85,17 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
 def check_args(args: argparse.Namespace) -> None:
     """ConfigError for a variant that is not NaViT or a count out of range, before any work."""
     from . import registry
-    from .errors import ConfigError
+    from .errors import ConfigError, check_counts
     if registry.get(args.variant).family != "navit":
         valid = ", ".join(v.name for v in registry.list_variants(family="navit"))
         raise ConfigError(f"--variant {args.variant}: bench-packing times NaViT batching; "
                           f"valid: {valid}")
-    for flag, value, least in (("--processes", args.processes, 1), ("--steps", args.steps, 1),
-                               ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1)):
-        if value < least:
-            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    check_counts(("--processes", args.processes, 1), ("--steps", args.steps, 1),
+                 ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1))
 
 
 def run(args: argparse.Namespace) -> dict:
-    check_args(args)
+    """One measurement in this process (``main`` has checked ``args``)."""
     device = torch.device(args.device)
     malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:

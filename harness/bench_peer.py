@@ -301,11 +301,9 @@ def peer_models(text: str) -> list[str]:
 
 def check_args(args) -> None:
     """ConfigError for a bad model list, a missing peer or a count out of range, before any work."""
-    from .errors import ConfigError
-    for flag, value, least in (("--processes", args.processes, 1), ("--rounds", args.rounds, 1),
-                               ("--warmup", args.warmup, 0)):
-        if value < least:
-            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    from .errors import check_counts
+    check_counts(("--processes", args.processes, 1), ("--rounds", args.rounds, 1),
+                 ("--warmup", args.warmup, 0))
     for name in {"na_vit" if m == "navit" else "vivit" for m in peer_models(args.models)}:
         peer_module(name)  # vit-pytorch installed?
 

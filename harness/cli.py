@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from .errors import ConfigError, HarnessError
+from .errors import ConfigError, HarnessError, check_counts
 from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
 
 
@@ -188,8 +188,7 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
     from .metrics.speed import adamw, alternate, make_train_step, paired_ratios
     arms = parse_arms(args.alternate)
     device = torch.device(device)
-    if args.rounds < 1:
-        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    check_counts(("--rounds", args.rounds, 1))
     if args.flops_only or args.ops or args.mfu:
         raise ConfigError("--alternate times train steps; it cannot go with --flops-only, --ops or --mfu")
     for arm in arms:  # a linear path this torch build lacks stops here, before any work

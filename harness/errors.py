@@ -23,6 +23,13 @@ class ConfigError(HarnessError, ValueError):
     """A config value or combination that cannot work."""
 
 
+def check_counts(*checks: tuple[str, int, int]) -> None:
+    """ConfigError for the first ``(flag, value, least)`` whose value is below its least."""
+    for flag, value, least in checks:
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+
+
 class UnknownVariantError(HarnessError, KeyError):
     """No variant registered under that name."""
 

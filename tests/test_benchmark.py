@@ -234,13 +234,20 @@ def test_smoke_speed_study_runs_through_the_engine(tmp_path, shared_runs):
     assert set(kids["tags.bench.bf16"]) == {"false"}
 
 
-def test_peer_models_match_parameter_counts():
+@pytest.fixture
+def bp():
+    """harness.bench_peer with its peer loadable; skips where vit-pytorch is not installed
+    (an optional peer; `make test` installs it)."""
     pytest.importorskip("einops")
-    bp = pytest.importorskip("harness.bench_peer")
+    from harness import bench_peer
     try:
-        bp.peer_module("vivit")
-    except Exception as e:  # vit-pytorch is an optional peer
+        bench_peer.peer_module("vivit")
+    except Exception as e:
         pytest.skip(f"vit-pytorch not installed: {e}")
+    return bench_peer
+
+
+def test_peer_models_match_parameter_counts(bp):
     import sys
     assert "vit_pytorch" not in sys.modules  # loaded by path: no torchvision needed
     dev = torch.device("cpu")
@@ -259,15 +266,9 @@ def test_peer_models_match_parameter_counts():
     assert bp.PeerNaViT(theirs, 16)(images).shape == ours(images).shape == (3, 5)
 
 
-def test_peer_report_from_several_processes(tmp_path):
+def test_peer_report_from_several_processes(bp, tmp_path):
     """Each process runs the whole comparison (fresh heap, fresh kernels); the report gives
     the medians, every process's ratio, and the paired ratio with its rounds."""
-    pytest.importorskip("einops")
-    bp = pytest.importorskip("harness.bench_peer")
-    try:
-        bp.peer_module("vivit")
-    except Exception as e:
-        pytest.skip(f"vit-pytorch not installed: {e}")
     out = tmp_path / "peer" / "README.md"
     assert bp.main(["--models", "m3", "--processes", "2", "--rounds", "2", "--warmup", "1",
                     "--frames", "4", "--image-size", "16", "--tubelet", "2", "8", "8", "--dim", "32",
