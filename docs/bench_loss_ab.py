@@ -1,4 +1,4 @@
-"""The benchmark loss before and after commit BENCHLOSS, train steps alternated in one process.
+"""The benchmark loss before and after commit c37eb3e, train steps alternated in one process.
 
     python docs/bench_loss_ab.py NAME BATCH ROUNDS [KEY=JSON ...]
     python docs/bench_loss_ab.py dit-s/2 16 20
