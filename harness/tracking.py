@@ -50,11 +50,19 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
+# what the harness writes itself: a change there says nothing about the code that ran
+RESULT_PATHS = ("reports", "runs")
+
+
 def git_sha() -> str:
+    """The commit the code runs from, ``-dirty`` where a tracked file outside
+    ``RESULT_PATHS`` differs from it (a report re-rendered into the checkout is a result,
+    not a change to the code), ``unknown`` outside a git checkout."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top)", *(f":(top,exclude){p}" for p in RESULT_PATHS)],
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):

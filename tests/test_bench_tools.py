@@ -162,3 +162,29 @@ def test_packing_benchmark_bad_counts_stop_before_any_work(argv, says, capsys, t
     out = tmp_path / "packing" / "README.md"
     assert bench_packing.main([*argv, "--device", "cpu", "--out", str(out)]) == 2
     assert says in capsys.readouterr().err and not out.parent.exists()
+
+
+def test_git_sha_is_dirty_for_code_changes_only(tmp_path, monkeypatch):
+    """A report the harness re-rendered into the checkout does not make the code 'dirty';
+    a changed source file does, seen from the root or from a subfolder."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("harness/x.py", "reports/r/README.md", "runs/s/meta.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("a\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.chdir(tmp_path)
+    sha = git_sha()
+    assert len(sha) == 12 and not sha.endswith("-dirty")
+    (tmp_path / "reports/r/README.md").write_text("b\n")
+    (tmp_path / "runs/s/meta.txt").write_text("b\n")
+    assert git_sha() == sha
+    (tmp_path / "harness/x.py").write_text("b\n")
+    assert git_sha() == sha + "-dirty"
+    monkeypatch.chdir(tmp_path / "reports")
+    assert git_sha() == sha + "-dirty"
