@@ -16,39 +16,32 @@ part of the harness.
 import json
 import statistics
 import sys
-import time
 
 import torch
 
 from harness import registry
 from harness.metrics import cpu_malloc
-from harness.metrics.speed import make_train_step
+from harness.metrics.speed import adamw, alternate, make_train_step, paired_ratios
 
 
 def main(argv: list[str]) -> None:
     name, batch, rounds = argv[0], int(argv[1]), int(argv[2])
     overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in argv[3:])}
     cpu_malloc.tune()
+    device = torch.device("cpu")
     steps = {}
-    for arm in ("new", "old"):
+    for arm in ("old", "new"):
         model, _ = registry.build(name, overrides, seed=0)
         model.train()
         inputs = model.example_inputs(batch, generator=torch.Generator().manual_seed(0))
         if arm == "old":
             model.bench_loss = lambda out: out.float().pow(2).mean()
-        optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        steps[arm] = make_train_step(model, model, inputs, optim, torch.device("cpu"), False)
-        for _ in range(3):
-            steps[arm]()
-    times = {"old": [], "new": []}
-    for r in range(rounds):
-        for arm in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            t = time.perf_counter()
-            steps[arm]()
-            times[arm].append(time.perf_counter() - t)
+        steps[arm] = make_train_step(model, model, inputs, adamw(model.parameters(), device),
+                                     device, False)
+    times = alternate(steps, device, warmup=3, rounds=rounds, abba=True)
     for arm, t in times.items():
         print(f"{name} {overrides} {arm}: median step {statistics.median(t) * 1e3:.0f} ms")
-    ratios = [o / n for o, n in zip(times["old"], times["new"])]
+    ratios = paired_ratios(times["old"], times["new"])
     print(f"{name}: paired step-time ratio old / new {statistics.median(ratios):.3f} "
           f"(median over {rounds} rounds; old faster in {sum(r < 1 for r in ratios)})")
 
