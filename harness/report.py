@@ -336,18 +336,35 @@ def evaluate_claim(claim: dict, table: pd.DataFrame, axis: str, metric: str, max
 
 # ------------------------------------------------------------------ ratios
 
+def paired_ideal(ratio: dict) -> str | None:
+    """The ideal as the value arm's trial logged it for its in-trial reference model."""
+    return f"reference_{ratio['ideal']}" if ratio.get("paired") and ratio.get("ideal") else None
+
+
+def verdict(judged: list[float], target: float) -> str:
+    return (("met" if np.mean(judged) >= target else "**not met**")
+            + (f" ({sum(j >= target for j in judged)}/{len(judged)} seeds)" if len(judged) > 1 else ""))
+
+
 def ratio_section(ratio: dict, df: pd.DataFrame, axes: list[str]) -> list[str]:
     """``value``'s metric over ``baseline``'s along one axis, per combination of the other
     axes, paired by seed (one seed: the same data for both arms); against an ideal (a
-    metric of the baseline's runs, e.g. pad's tokens per real token) where the study names one."""
+    metric of the baseline's runs, e.g. pad's tokens per real token) where the study names one.
+    With ``paired`` (a metric of the value arm's trials: its speed over a baseline model timed
+    in turn with it in the same trial), that in-trial ratio too, against the ideal the trial
+    logged for its reference (``reference_<ideal>``), with its own verdict."""
     axis, m, ideal, target = ratio["axis"], ratio["metric"], ratio.get("ideal"), ratio.get("target")
+    paired, p_ideal = ratio.get("paired"), paired_ideal(ratio)
     others = [a for a in axes if a != axis]
     head = [*others, "seeds", f"{ratio['value']} `{m}`", f"{ratio['baseline']} `{m}`",
-            "ratio (min-max)"]
+            "ratio across trials (min-max)" if paired else "ratio (min-max)"]
     if ideal:
         head += [f"ideal (`{ideal}` of {ratio['baseline']})", "of ideal (min-max)"]
+    if paired:
+        head += [f"in-trial `{paired}` (min-max)"] + (["of ideal (min-max)"] if ideal else [])
     if target is not None:
-        head.append(f"target: {f'{target:.0%} of ideal' if ideal else f'{target:g}'}")
+        goal = f"{target:.0%} of ideal" if ideal else f"{target:g}"
+        head.append(f"target: {goal}" + (" (across trials / in-trial)" if paired else ""))
     lines = [f"**{ratio['text']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups = df.groupby(others, sort=False) if others else [((), df)]
 
@@ -370,9 +387,16 @@ def ratio_section(ratio: dict, df: pd.DataFrame, axes: list[str]) -> list[str]:
             ideals = [b.loc[s, ideal] for s in seeds]
             judged = [r / i for r, i in zip(rs, ideals)]
             row += [f"{np.mean(ideals):.3g}", span(judged, "{:.0%}")]
+        p_judged = []
+        if paired:
+            cols = [paired] + ([p_ideal] if ideal else [])
+            p_seeds = sorted(v[cols].dropna().index) if set(cols) <= set(v.columns) else []
+            ps = [v.loc[s, paired] for s in p_seeds]
+            p_judged = [p / v.loc[s, p_ideal] for p, s in zip(ps, p_seeds)] if ideal else ps
+            row += [span(ps) if ps else "-"] + ([span(p_judged, "{:.0%}") if ps else "-"] if ideal else [])
         if target is not None:
-            row.append(("met" if np.mean(judged) >= target else "**not met**")
-                       + (f" ({sum(j >= target for j in judged)}/{len(judged)} seeds)" if len(judged) > 1 else ""))
+            row.append(verdict(judged, target)
+                       + (f" / {verdict(p_judged, target) if p_judged else '-'}" if paired else ""))
         lines.append("| " + " | ".join(row) + " |")
     if len(lines) == 4:
         lines.append("(no seed has finished runs of both arms)")
@@ -398,7 +422,8 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
     metrics = [o.metric for o in objectives] + extra + [m for m in BASE_METRICS
                                                        if m not in extra and m not in [o.metric for o in objectives]]
     ratios = study.resolved.get("ratios") or []
-    ratio_metrics = [m for r in ratios for m in (r["metric"], r.get("ideal")) if m and m not in metrics]
+    ratio_metrics = [m for r in ratios for m in (r["metric"], r.get("ideal"), r.get("paired"),
+                                                 paired_ideal(r)) if m and m not in metrics]
     df = finished_table(study, trials, metrics + list(dict.fromkeys(ratio_metrics)))
     df, study_peaks = mfu_against_study_peak(df, trials)
     out = Path(out_dir or Path("reports") / study.study_name)

@@ -23,7 +23,7 @@ import yaml
 from . import registry
 from .data.base import check_local_path, get_dataset
 from .errors import ConfigError, HarnessError, StudyError, did_you_mean
-from .tasks.base import Budget, get_task
+from .tasks.base import DATA_FIELDS, Budget, get_task
 
 TOP_KEYS = ("name", "question", "task", "data", "model", "sweep", "exclude", "search", "search_trials",
             "repeats", "seeds", "budget", "objectives", "sampler", "pruner", "device", "profiles",
@@ -401,9 +401,10 @@ def load_study(path: str | Path, profile: str | None = None, *,
             raise err(f"claims[{i}].direction", f"valid: {', '.join(DIRECTIONS)}")
 
     ratios = resolved.get("ratios") or []
-    ratio_keys = {"text", "axis", "metric", "value", "baseline", "ideal", "target"}
+    ratio_keys = {"text", "axis", "metric", "value", "baseline", "ideal", "target", "paired"}
     if not isinstance(ratios, list):
-        raise err("ratios", "must be a list of {text, axis, metric, value, baseline, ideal?, target?}")
+        raise err("ratios", "must be a list of {text, axis, metric, value, baseline, ideal?, target?, "
+                  "paired?}")
     for i, r in enumerate(ratios):
         if not isinstance(r, dict) or not {"text", "axis", "metric", "value", "baseline"} <= set(r):
             raise err(f"ratios[{i}]", "must be a mapping with text, axis, metric, value, baseline "
@@ -417,7 +418,7 @@ def load_study(path: str | Path, profile: str | None = None, *,
             if r[role] not in sweep[r["axis"]]:
                 raise err(f"ratios[{i}].{role}", f"{r[role]!r} is not a value of axis "
                           f"{r['axis']}: {sweep[r['axis']]}")
-        for role in ("metric", "ideal"):
+        for role in ("metric", "ideal", "paired"):
             if role in r and not known_metric(str(r[role])):
                 raise err(f"ratios[{i}].{role}", f"{r[role]!r} is not produced; "
                           f"{did_you_mean(str(r[role]), known)}")
@@ -466,7 +467,27 @@ def load_study(path: str | Path, profile: str | None = None, *,
                           data_info_cache=infos)
         except HarnessError as e:
             raise StudyError(f"{where}: cell {cid}: {e}") from None
+    for i, r in enumerate(ratios):  # after the cells: a bad reference config is named as such
+        if "paired" in r:
+            check_paired_ratio(r, i, task_cls, task_opts, err)
     return study
+
+
+def check_paired_ratio(r: dict, i: int, task_cls, task_opts: dict, err) -> None:
+    """A ratio's ``paired`` metric is the value arm's own in-trial ratio against a model the
+    task builds beside it (``Task.related_models``), so one of those must be the baseline arm:
+    the axis (a model field) set to ``baseline``."""
+    field_name = r["axis"][6:] if r["axis"].startswith("model.") else r["axis"]
+    try:
+        related = task_cls().related_models(registry.make_config(task_cls.Options, task_opts,
+                                                                 where="task.options"))
+    except HarnessError as e:
+        raise err("task.options", str(e)) from None
+    if not any(field_name in over and over[field_name] == r["baseline"] for over in related.values()):
+        raise err(f"ratios[{i}].paired", f"{r['paired']!r} is a ratio against a model the task times "
+                  f"beside each trial's, so that model must be the baseline arm, {field_name}="
+                  f"{r['baseline']!r} (task benchmark: task.options.reference: {{{field_name}: "
+                  f"{r['baseline']}}}); task {task_cls.name!r} builds {related or 'no such model'}")
 
 
 def default_roots() -> list[Path]:
@@ -597,6 +618,15 @@ def resolve_trial(study: Study, cell: dict, seed: int, search_values: dict | Non
                               f"remove {k} from the model config (it follows the data)")
     model_over = {**implied, **model_over}
     model_cfg = spec.config(**model_over)
+    for option, extra in task_cls().related_models(task_opts).items():
+        follows = sorted(set(extra) & (set(implied) | set(DATA_FIELDS)))
+        if follows:
+            raise ConfigError(f"task.options.{option}: {follows} set the input (the models "
+                              f"share one input); override other fields of {spec.config_cls.__name__}")
+        try:
+            spec.config(**{**model_over, **extra})
+        except HarnessError as e:
+            raise ConfigError(f"task.options.{option}: {e}") from None
     return ResolvedTrial(variant, model_over, model_cfg, task_opts, data_opts, seed, cell,
                          cell_id(cell))
 

@@ -144,6 +144,81 @@ def test_bad_benchmark_options_are_refused():
             registry.make_config(task.Options, bad)
 
 
+TINY_NAVIT = {"depth": 1, "hidden_size": 16, "num_heads": 2, "input_size": 16, "in_channels": 1,
+              "num_classes": 10, "max_seq_len": 64, "max_grid": 4}
+
+
+def varres_data(skew: float = 4.0):
+    spec = get_dataset("varres_digits")
+    return build_dataset("varres_digits", registry.make_config(
+        spec.options_cls, {"min_size": 4, "max_size": 16, "size_step": 4, "skew": skew}))
+
+
+def test_reference_times_a_pad_copy_in_turn_and_reports_paired_speedups(tmp_path):
+    """A pack trial with reference {batching: pad} also times a pad copy of itself (same
+    weights, same images), alternated round by round; the reference's own token figures
+    come back prefixed, and equal those of a pad trial on the same batch."""
+    data = varres_data()
+    opts = {"inputs": "data", "batch_size": 16, "warmup": 1, "steps": 2, "measure_peak": False,
+            "reference": {"batching": "pad"}, "reference_rounds": 3}
+    task, ctx, logged, tags = make_ctx(tmp_path, "navit-ti", {**TINY_NAVIT, "batching": "pack"},
+                                       opts, data=data)
+    out = task.run(ctx)
+    for mode in ("train", "infer"):
+        for k in (f"{mode}_speedup_vs_reference", f"{mode}_ab_step_ms_median",
+                  f"{mode}_reference_step_ms_median"):
+            assert k in task.metrics and math.isfinite(out[k]) and out[k] > 0, k
+        assert 0 <= out[f"{mode}_rounds_won_vs_reference"] <= 1
+    assert tags["bench.reference"] == '{"batching": "pad"}'
+    assert tags["bench.reference_weights"] == "shared" and "3 rounds" in tags["bench.reference_rule"]
+    # the trial's own figures stay its own (pack pads little); the reference's are pad's
+    assert out["padding_fraction"] < out["reference_padding_fraction"]
+    task, ctx, _, pad_tags = make_ctx(tmp_path, "navit-ti", {**TINY_NAVIT, "batching": "pad"},
+                                      opts, data=data)
+    pad = task.run(ctx)
+    assert pad["tokens_per_real_token"] == pytest.approx(out["reference_tokens_per_real_token"])
+    # a reference that is the trial's own config is not timed against itself
+    assert "train_speedup_vs_reference" not in pad and pad_tags["bench.reference"].startswith("skipped")
+
+
+def test_reference_speedup_points_the_right_way(tmp_path):
+    """Against a reference with four times the blocks, the trial's paired speedup is well
+    above 1 (and the reference, having other parameters, keeps its own init)."""
+    task, ctx, _, tags = make_ctx(tmp_path, "dit-s/2", {**TINY_DIT, "hidden_size": 64},
+                                  {"batch_size": 4, "warmup": 1, "steps": 3, "measure_peak": False,
+                                   "reference": {"depth": 4}})
+    out = task.run(ctx)
+    assert out["train_speedup_vs_reference"] > 1.5 and out["infer_speedup_vs_reference"] > 1.5
+    assert out["train_rounds_won_vs_reference"] == 1.0
+    assert tags["bench.reference_weights"].startswith("own init")
+
+
+def test_bad_reference_options_are_refused_before_any_store(tmp_path):
+    import yaml
+
+    from harness.errors import ConfigError, StudyError
+    task = get_task("benchmark")()
+    for bad in ({"reference": {}}, {"reference": [1]}, {"reference": {"depth": 2}, "compile": True},
+                {"reference_rounds": -1}):
+        with pytest.raises(ConfigError):
+            registry.make_config(task.Options, bad)
+    raw = yaml.safe_load((STUDIES / "speed_packing.yaml").read_text())
+    raw["name"] = "speed_reference_test"
+    cases = {"batchin": ({"batchin": "pad"}, "did you mean: batching"),
+             "input": ({"input_size": 32}, "set the input"),
+             "value": ({"batching": "stack"}, "batching"),
+             "paired": ({"depth": 2}, "ratios[0].paired")}
+    for name, (ref, msg) in cases.items():
+        raw["task"]["options"]["reference"] = ref
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(StudyError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            load_study(path, "smoke")
+        runs = tmp_path / f"runs-{name}"
+        assert run_cli("run", path, "--profile", "smoke", "--runs-dir", runs) == 2
+        assert not runs.exists()
+
+
 def test_channels_last_keeps_the_numbers_of_a_conv_model():
     model, _ = registry.build("dit-s/2", TINY_DIT, seed=0)
     out = measure_speed(model, SpeedOptions(batch_size=2, warmup=0, steps=1, channels_last=True))
@@ -285,3 +360,34 @@ def test_peer_report_from_several_processes(bp, tmp_path):
     text = out.read_text()
     assert "--processes 2" in text and "2 fresh processes" in text and "Per process, in the order" in text
     assert len(row["ours_train_step_ms_median_per_process"]) == 2
+
+
+def test_packing_study_reports_the_in_trial_ratio_beside_the_across_trial_one(tmp_path, shared_runs):
+    """speed_packing's smoke profile end to end: the pack trial's paired speedup against its
+    pad copy, over the ideal it logged for that copy, is what the ratio table shows."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+    raw = yaml.safe_load((STUDIES / "speed_packing.yaml").read_text())
+    raw["name"] = "speed_packing_test"
+    path = tmp_path / "speed_packing_test.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert run_cli("run", path, "--profile", "smoke", "--runs-dir", shared_runs, "--quiet") == 0
+    out = tmp_path / "report"
+    assert run_cli("report", path, "--profile", "smoke", "--runs-dir", shared_runs, "--out", out) == 0
+    csv = pd.read_csv(out / "results.csv")
+    pack = csv[csv["batching"] == "pack"].iloc[0]
+    pad = csv[csv["batching"] == "pad"].iloc[0]
+    assert np.isnan(pad["train_speedup_vs_reference"])  # pad's reference is itself: skipped
+    assert pack["reference_tokens_per_real_token"] == pytest.approx(pad["tokens_per_real_token"])
+    md = (out / "README.md").read_text()
+    assert "in-trial `train_speedup_vs_reference`" in md
+    lines = md.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("**pack vs pad, training"))
+    row = lines[head + 4]  # title, blank, header, rule, then the skew-2 row
+    assert row.startswith("| 2.0 | 1 | "), row
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[7] == f"{pack['train_speedup_vs_reference']:.3g}"
+    judged = pack["train_speedup_vs_reference"] / pack["reference_tokens_per_real_token"]
+    assert cells[8] == f"{judged:.0%}"
+    assert cells[9].count("met") == 2 and " / " in cells[9]

@@ -30,6 +30,9 @@ BAD = {
     "ratio of an unknown metric": (
         "ratios:\n  - {text: t, axis: pool, metric: acuracy, value: cls, baseline: mean}\n",
         "accuracy"),
+    "paired ratio without a model of the baseline arm": (
+        "ratios:\n  - {text: t, axis: pool, metric: accuracy, value: cls, baseline: mean, "
+        "paired: accuracy}\n", "ratios[0].paired"),
     "ratio target not a number": (
         "ratios:\n  - {text: t, axis: pool, metric: accuracy, value: cls, baseline: mean, "
         "target: high}\n", "ratios[0].target"),

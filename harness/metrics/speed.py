@@ -331,6 +331,23 @@ def make_train_step(model: nn.Module, run, inputs: tuple, optim, device: torch.d
     return train_step
 
 
+def make_infer_step(run, inputs: tuple, device: torch.device, bf16: bool, attention: str = "auto"):
+    """One inference step: the forward of ``run`` under ``inference_mode``."""
+    def infer_step():
+        with torch.inference_mode(), attention_backend(attention), autocast(device, bf16):
+            run(*inputs)
+    return infer_step
+
+
+def channels_last_model(model: nn.Module, inputs: tuple) -> tuple:
+    """The model's conv weights (4-D / 5-D) to channels-last, in place; the inputs converted
+    alike are returned (everything else is unchanged)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = to_channels_last(t.data)
+    return tuple(to_channels_last(x) for x in inputs)
+
+
 def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
                   device: str | torch.device = "cpu", inputs: tuple | None = None,
                   probe=None) -> dict:
@@ -351,10 +368,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         gen = torch.Generator().manual_seed(opts.seed)
         inputs = model.example_inputs(opts.batch_size, device=device, generator=gen)
     if opts.channels_last:
-        with torch.no_grad():  # conv weights (4-D / 5-D) only; everything else is unchanged
-            for t in [*model.parameters(), *model.buffers()]:
-                t.data = to_channels_last(t.data)
-        inputs = tuple(to_channels_last(x) for x in inputs)
+        inputs = channels_last_model(model, inputs)
     run = torch.compile(model) if opts.compile else model
     out: dict = {"batch_size": opts.batch_size, "bf16": opts.bf16, "compile": opts.compile,
                  "channels_last": opts.channels_last, "attention": opts.attention,
@@ -377,10 +391,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
     if opts.infer:
         model.eval()
 
-        def infer_step():
-            with torch.inference_mode(), attention_backend(opts.attention), autocast(device, opts.bf16):
-                run(*inputs)
-
+        infer_step = make_infer_step(run, inputs, device, opts.bf16, opts.attention)
         times, mem, rates = time_and_memory(infer_step, device, opts.warmup, opts.steps, probe)
         out.update(summarise("infer", times, opts.batch_size, model.tokens_per_sample()))
         if rates:

@@ -58,6 +58,10 @@ class TrialContext:
     generator: torch.Generator | None = None  # seeded CPU generator for data order
 
 
+# model config fields a dataset may imply (``Task.model_overrides``)
+DATA_FIELDS = ("num_classes", "in_channels", "input_size", "num_frames")
+
+
 class Task:
     """Base class: one abstract method, ``run``; the rest are no-op hooks."""
 
@@ -75,8 +79,14 @@ class Task:
 
     def model_overrides(self, options: Any, data_info: dict, config_fields: set[str]) -> dict:
         """Config fields implied by the data (num_classes, in_channels, input_size, ...)."""
-        keys = ("num_classes", "in_channels", "input_size", "num_frames")
-        return {k: data_info[k] for k in keys if k in data_info and k in config_fields}
+        return {k: data_info[k] for k in DATA_FIELDS if k in data_info and k in config_fields}
+
+    def related_models(self, options: Any) -> dict[str, dict]:
+        """Further models the task builds beside the trial's own: option name -> model
+        config overrides on top of the trial's config (e.g. a benchmark's ``reference``).
+        The engine builds each config before any compute, so a bad one fails the study
+        file, not a trial."""
+        return {}
 
     def speed_batch_size(self, options: Any) -> int:
         return int(getattr(options, "batch_size", 8))

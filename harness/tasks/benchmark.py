@@ -20,6 +20,13 @@ The forward MACs are counted on the very batch that is timed (fvcore, attention 
 ``harness.metrics.flops``), per sample: for fixed-size inputs that equals ``gflops_fwd``;
 for NaViT's variable-size images it is that batch's own mean, padding work included (what
 the hardware computed), so compare packing arms by images/s, not by MFU.
+
+Arms of a sweep run as separate trials, minutes apart, so on a shared machine their ratio
+carries the drift between those minutes.  ``reference`` (model config overrides, e.g.
+``{batching: pad}``) also builds that reference model (same weights where the parameters
+match) and times it in turn with the trial's own on the same batch, round by round, in the
+same process: ``train_speedup_vs_reference`` / ``infer_speedup_vs_reference`` are paired
+ratios (``reference_ab``), what a study's ``ratios`` entry reads with ``paired``.
 """
 from __future__ import annotations
 
@@ -50,6 +57,10 @@ class BenchmarkOptions:
     measure_peak: bool = True        # measure the dense GEMM peak (once per process) for MFU
     peak_tflops: float | None = None  # datasheet dense peak in real TFLOP/s: used instead
     peak_sizes: tuple[int, ...] | None = None  # GEMM sides of the peak (None: per device)
+    reference: dict | None = None    # model config overrides of a reference model (e.g.
+                                     # {batching: pad}), timed in turn with this one on the
+                                     # same batch, in this process: *_speedup_vs_reference
+    reference_rounds: int = 0        # rounds of that alternation (0: steps)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
@@ -65,6 +76,15 @@ class BenchmarkOptions:
                               f"{self.peak_tflops}")
         if self.peak_sizes is not None and (not self.peak_sizes or min(self.peak_sizes) < 16):
             raise ConfigError(f"peak_sizes must be GEMM sides >= 16, got {self.peak_sizes}")
+        if self.reference is not None:
+            if not self.reference or not all(isinstance(k, str) for k in self.reference):
+                raise ConfigError(f"reference must map model config fields to values, e.g. "
+                                  f"{{batching: pad}}; got {self.reference!r}")
+            if self.compile:
+                raise ConfigError("reference with compile=true is not supported (the "
+                                  "alternation times eager models); drop one of them")
+        if self.reference_rounds < 0:
+            raise ConfigError(f"reference_rounds must be >= 0 (0: steps), got {self.reference_rounds}")
 
 
 def bench_inputs(ctx: TrialContext, opts: BenchmarkOptions) -> tuple:
@@ -81,6 +101,70 @@ def bench_inputs(ctx: TrialContext, opts: BenchmarkOptions) -> tuple:
                              generator=torch.Generator().manual_seed(ctx.seed))
     x, _ = next(iter(loader))
     return (to_device(x, ctx.device),)
+
+
+def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple[dict, dict]:
+    """The trial's model against ``o.reference`` (its config with those overrides, the same
+    weights where the state dicts match), on the same batch: warm-up steps each, then rounds
+    that take the two in turn (every other round in reverse order), one step each.  Per mode,
+    ``<mode>_speedup_vs_reference`` is the median over rounds of the reference's step time
+    over this model's (> 1: this model is faster), taken within one round so the machine's
+    drift cancels; the reference's family figures (``extra_metrics``) come as ``reference_*``.
+    Nothing when the overrides leave the trial's config as it is."""
+    import statistics
+
+    from .. import registry
+    from ..metrics.speed import (adamw, alternate, channels_last_model, make_infer_step,
+                                 make_train_step, paired_ratios)
+    own_cfg = registry.config_dict(ctx.model_cfg)
+    over = {**own_cfg, **o.reference}
+    if over == own_cfg:
+        return {}, {"bench.reference": "skipped: the trial's own config"}
+    device = ctx.device
+    ref, _ = registry.build(ctx.variant, over, device=device, seed=ctx.seed)
+    try:
+        ref.load_state_dict(ctx.model.state_dict())
+        weights = "shared"
+    except RuntimeError:  # the overrides change the parameters: the reference's own init
+        weights = f"own init (seed {ctx.seed}): the parameters differ"
+    if o.channels_last:
+        inputs = channels_last_model(ref, inputs)
+        channels_last_model(ctx.model, inputs)
+    out: dict = {}
+    extra = getattr(ref, "extra_metrics", dict)
+    extra()
+    ref.eval()
+    with torch.inference_mode():
+        ref(*inputs)
+    out.update({f"reference_{k}": float(v) for k, v in extra().items()})
+    rounds = o.reference_rounds or o.steps
+    models = {"own": ctx.model, "reference": ref}
+    for mode in ("train", "infer"):
+        if not getattr(o, mode):
+            continue
+        steps = {}
+        for name, m in models.items():
+            if mode == "train":
+                m.train()
+                steps[name] = make_train_step(m, m, inputs, adamw(m.parameters(), device), device,
+                                              o.bf16, o.attention)
+            else:
+                m.eval()
+                steps[name] = make_infer_step(m, inputs, device, o.bf16, o.attention)
+        times = alternate(steps, device, o.warmup, rounds=rounds, abba=True)
+        ratios = paired_ratios(times["reference"], times["own"])
+        out[f"{mode}_speedup_vs_reference"] = statistics.median(ratios)
+        out[f"{mode}_rounds_won_vs_reference"] = sum(r > 1 for r in ratios) / len(ratios)
+        out[f"{mode}_ab_step_ms_median"] = statistics.median(times["own"]) * 1e3
+        out[f"{mode}_reference_step_ms_median"] = statistics.median(times["reference"]) * 1e3
+    getattr(ctx.model, "extra_metrics", dict)()  # the alternation's forwards are not the trial's
+    import json
+    tags = {"bench.reference": json.dumps(o.reference, sort_keys=True, default=str),
+            "bench.reference_weights": weights,
+            "bench.reference_rule": (f"{rounds} rounds, one step of each per round (every other "
+                                     f"round reversed) after {o.warmup} warm-up steps each; "
+                                     "median over rounds of reference step / own step")}
+    return out, tags
 
 
 def gmacs_per_sample(model, inputs: tuple, batch_size: int) -> float:
@@ -104,7 +188,14 @@ class BenchmarkTask(Task):
                "infer_step_ms_max", "gflops_fwd_timed", "bench_time_s", "threads",
                "train_mfu_paired", "infer_mfu_paired", "train_paired_peak_tflops",
                "infer_paired_peak_tflops",
-               "other_cpu_cores")
+               "other_cpu_cores", "train_speedup_vs_reference", "infer_speedup_vs_reference",
+               "train_rounds_won_vs_reference", "infer_rounds_won_vs_reference",
+               "train_ab_step_ms_median", "infer_ab_step_ms_median",
+               "train_reference_step_ms_median", "infer_reference_step_ms_median")
+    metric_patterns = ("reference_*",)  # the reference model's family figures
+
+    def related_models(self, options: BenchmarkOptions) -> dict[str, dict]:
+        return {"reference": options.reference} if options.reference else {}
 
     def model_overrides(self, options, data_info, config_fields) -> dict:
         if options.inputs == "data":  # the data's channels / classes / size, as in training
@@ -155,9 +246,10 @@ class BenchmarkTask(Task):
                     batch_size=o.batch_size, warmup=o.warmup, steps=o.steps, bf16=o.bf16,
                     compile=o.compile, channels_last=o.channels_last, attention=o.attention, train=o.train,
                     infer=o.infer, seed=ctx.seed), device, inputs, probe=probe)
+                family = {k: float(v) for k, v in extra().items()}  # e.g. padding_fraction
+                ab, ab_tags = reference_ab(ctx, o, inputs) if o.reference else ({}, {})
             peak = cached_peak(device, o.peak_sizes, refresh=True) if measured else {}
             threads = torch.get_num_threads()
-            family = {k: float(v) for k, v in extra().items()}  # e.g. padding_fraction
         finally:
             set_threads(threads_before)
         out = {k: float(v) for k, v in speed.items()
@@ -165,6 +257,7 @@ class BenchmarkTask(Task):
                and k not in ("batch_size", "timed_steps", "warmup_steps")}
         out["gflops_fwd_timed"] = gmacs
         out.update(family)
+        out.update(ab)
         out["threads"] = float(threads)
         if math.isfinite(other.cores):
             out["other_cpu_cores"] = other.cores  # > 0.2 or so on a small machine: noisy timing
@@ -177,7 +270,8 @@ class BenchmarkTask(Task):
                 "bench.cpu_gelu": cpu_gelu.path() if torch.device(device).type == "cpu" else "n/a",
                 "bench.cpu_attention": ("n/a" if torch.device(device).type != "cpu" else
                                         cpu_attention.path() if o.attention == "auto" else "sdpa"),
-                "bench.flops": "fwd MACs of the timed batch per sample (fvcore, attention incl.)"}
+                "bench.flops": "fwd MACs of the timed batch per sample (fvcore, attention incl.)",
+                **ab_tags}
         if peak or o.peak_tflops:
             peak_flops, which = peak_for(peak, device, o.bf16, o.peak_tflops)
             out.update(mfu_metrics(speed, gmacs, peak_flops))
