@@ -111,6 +111,7 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
     over this model's (> 1: this model is faster), taken within one round so the machine's
     drift cancels; the reference's family figures (``extra_metrics``) come as ``reference_*``.
     Nothing when the overrides leave the trial's config as it is."""
+    import json
     import statistics
 
     from .. import registry
@@ -158,7 +159,6 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
         out[f"{mode}_ab_step_ms_median"] = statistics.median(times["own"]) * 1e3
         out[f"{mode}_reference_step_ms_median"] = statistics.median(times["reference"]) * 1e3
     getattr(ctx.model, "extra_metrics", dict)()  # the alternation's forwards are not the trial's
-    import json
     tags = {"bench.reference": json.dumps(o.reference, sort_keys=True, default=str),
             "bench.reference_weights": weights,
             "bench.reference_rule": (f"{rounds} rounds, one step of each per round (every other "
