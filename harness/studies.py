@@ -469,20 +469,18 @@ def load_study(path: str | Path, profile: str | None = None, *,
             raise StudyError(f"{where}: cell {cid}: {e}") from None
     for i, r in enumerate(ratios):  # after the cells: a bad reference config is named as such
         if "paired" in r:
-            check_paired_ratio(r, i, task_cls, task_opts, err)
+            check_paired_ratio(r, i, study, err)
     return study
 
 
-def check_paired_ratio(r: dict, i: int, task_cls, task_opts: dict, err) -> None:
+def check_paired_ratio(r: dict, i: int, study: Study, err) -> None:
     """A ratio's ``paired`` metric is the value arm's own in-trial ratio against a model the
     task builds beside it (``Task.related_models``), so one of those must be the baseline arm:
-    the axis (a model field) set to ``baseline``."""
+    the axis (a model field) set to ``baseline``.  (The cells, checked before, hold valid
+    task options.)"""
     field_name = r["axis"][6:] if r["axis"].startswith("model.") else r["axis"]
-    try:
-        related = task_cls().related_models(registry.make_config(task_cls.Options, task_opts,
-                                                                 where="task.options"))
-    except HarnessError as e:
-        raise err("task.options", str(e)) from None
+    task_cls = get_task(study.task)
+    related = task_cls().related_models(make_task_options(study, dict(study.task_options)))
     if not any(field_name in over and over[field_name] == r["baseline"] for over in related.values()):
         raise err(f"ratios[{i}].paired", f"{r['paired']!r} is a ratio against a model the task times "
                   f"beside each trial's, so that model must be the baseline arm, {field_name}="
@@ -611,14 +609,15 @@ def resolve_trial(study: Study, cell: dict, seed: int, search_values: dict | Non
     info = data_info(study.data, data_opts, data_info_cache)
     spec = registry.get(variant)
     fields = set(registry.config_fields(spec.config_cls))
-    implied = task_cls().model_overrides(task_opts, info, fields)
+    task = task_cls()
+    implied = task.model_overrides(task_opts, info, fields)
     for k, v in implied.items():
         if k in model_over and model_over[k] != v:
             raise ConfigError(f"model.config.{k}={model_over[k]!r} but the data gives {k}={v!r}; "
                               f"remove {k} from the model config (it follows the data)")
     model_over = {**implied, **model_over}
     model_cfg = spec.config(**model_over)
-    for option, extra in task_cls().related_models(task_opts).items():
+    for option, extra in task.related_models(task_opts).items():
         follows = sorted(set(extra) & (set(implied) | set(DATA_FIELDS)))
         if follows:
             raise ConfigError(f"task.options.{option}: {follows} set the input (the models "

@@ -128,9 +128,8 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
         weights = "shared"
     except RuntimeError:  # the overrides change the parameters: the reference's own init
         weights = f"own init (seed {ctx.seed}): the parameters differ"
-    if o.channels_last:
+    if o.channels_last:  # measure_speed already converted the trial's model
         inputs = channels_last_model(ref, inputs)
-        channels_last_model(ctx.model, inputs)
     out: dict = {}
     extra = getattr(ref, "extra_metrics", dict)
     extra()
