@@ -47,7 +47,8 @@ bench-deps: install
 
 # Every speed report of docs/speed.md, re-measured on this machine (reports/<study>-<PROFILE><SUFFIX>/):
 #   make speed-reports                                  CPU: about 45 minutes on 2 idle AMD Zen 5
-#       cores (before speed_packing paired its arms in-trial), about 115 on 2 Zen 4 cores
+#       cores (before speed_packing paired its arms in-trial; about 85 at 47a99d3 on a
+#       slower Zen 5 VM), about 115 on 2 Zen 4 cores
 #       (104 without speed_paths); on a CPU without native
 #       bf16 (AVX2 only) run speed_dit's cpu-fp32 profile instead (about 37 min on 2 Zen 3 cores)
 #   make speed-reports PROFILE=gpu SUFFIX=-h100         on a GPU (the gpu profiles, bf16)
