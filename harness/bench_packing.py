@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .metrics import cpu_malloc
+from .metrics import cpu_malloc, cpu_mkl
 from .metrics.speed import alternate, set_threads
 
 
@@ -92,6 +92,7 @@ def check_args(args: argparse.Namespace) -> None:
                           f"valid: {valid}")
     check_counts(("--processes", args.processes, 1), ("--steps", args.steps, 1),
                  ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1))
+    cpu_mkl.check()  # HARNESS_CPU_MKL bad, or asked for and not in effect
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render_report(r: dict) -> str:
     """Markdown report of one bench-packing run (``--out``)."""
+    from .bench_peer import software_detail
     hw = r["hardware"]
     peak = ", ".join(f"{d} {r[f'peak_{d}_tflops']:.3f} TFLOP/s ({r[f'peak_{d}_impl']}, "
                      f"{r[f'peak_{d}_size']}^3 GEMM)" for d in ("fp32", "bf16")
@@ -303,7 +305,7 @@ def render_report(r: dict) -> str:
         "Reproduce:", "", "```", r["command"], "```", "",
         f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {r['threads']} torch threads, "
         f"{hw.get('gpu', 'no GPU')}; device `{r['device']}`",
-        f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}, "
+        f"- software: torch {hw['torch']} ({software_detail(hw)}), Python {hw['python']}, "
         f"this code at git `{hw.get('git_sha', '?')}`; malloc `{r.get('malloc', '')}` (harness/metrics/cpu_malloc.py)",
         f"- dense matmul peak measured in the same run: {peak}",
         f"- load average (1 min, highest seen): {r['load_avg_1m']:.2f} on {r['cpu_count']} cores",

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
+from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate, paired_ratios, set_threads
 from .processes import merge_numbers, run_in_processes
@@ -279,10 +279,17 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
 def hardware() -> dict:
     out = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_sha": git_sha()}
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_sha": git_sha(),
+           "mkl": cpu_mkl.mode()}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out
+
+
+def software_detail(hw: dict) -> str:
+    """torch's CPU capability, and MKL's dispatch where the record has it (harness/metrics/cpu_mkl.py)."""
+    mkl = f", MKL dispatch `{hw['mkl']}`" if hw.get("mkl") else ""
+    return f"{hw['cpu_capability']}{mkl}"
 
 
 PEER_MODELS = ("m2", "m3", "navit")
@@ -304,6 +311,7 @@ def check_args(args) -> None:
     from .errors import check_counts
     check_counts(("--processes", args.processes, 1), ("--rounds", args.rounds, 1),
                  ("--warmup", args.warmup, 0))
+    cpu_mkl.check()  # HARNESS_CPU_MKL bad, or asked for and not in effect
     for name in {"na_vit" if m == "navit" else "vivit" for m in peer_models(args.models)}:
         peer_module(name)  # vit-pytorch installed?
 
@@ -395,7 +403,7 @@ def render_peer(r: dict) -> str:
              "Reproduce:", "", "```", r["command"], "```", "",
              f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads, "
              f"{hw.get('gpu', 'no GPU')}; device `{r['device']}`",
-             f"- software: torch {hw['torch']} ({hw['cpu_capability']}), Python {hw['python']}, "
+             f"- software: torch {hw['torch']} ({software_detail(hw)}), Python {hw['python']}, "
              f"this code at git `{hw.get('git_sha', '?')}`; our "
              f"fp32 CPU Linear path: `{r.get('ours_cpu_linear', '?')}` (theirs: torch's `F.linear`); "
              f"our tanh-GELU path: `{r.get('ours_cpu_gelu', '?')}` (theirs: torch's kernel); "

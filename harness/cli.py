@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from .errors import ConfigError, HarnessError, check_counts
-from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
+from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl
 
 
 def parse_sets(items: Sequence[str] | None) -> dict:
@@ -405,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_matmul.path()  # a bad HARNESS_CPU_LINEAR fails here, before any compute
         cpu_gelu.path()    # and a bad HARNESS_CPU_GELU
         cpu_attention.path()  # and a bad HARNESS_CPU_ATTENTION
+        cpu_mkl.check()    # and a HARNESS_CPU_MKL that is bad or did not take effect
         if argv and argv[0] == "bench-packing":
             return cmd_bench_packing(None, argv[1:])
         if argv and argv[0] == "bench-peer":

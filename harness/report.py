@@ -487,7 +487,7 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
     # environment and status
     status_counts = trials["status"].value_counts().sort_index()
     status_line = ", ".join(f"{n} {s.lower()}" for s, n in status_counts.items())
-    env_keys = ["device_name", "torch_threads", "cpu_linear", "cpu_gelu", "cpu_attention", "torch_version", "python_version", "harness_version", "git_sha"]
+    env_keys = ["device_name", "torch_threads", "cpu_linear", "cpu_gelu", "cpu_attention", "cpu_mkl", "torch_version", "python_version", "harness_version", "git_sha"]
     env = []
     for k in env_keys:
         col = f"tags.{k}"

@@ -106,7 +106,7 @@ def environment_tags(device: str) -> dict[str, str]:
     import torch
 
     from . import __version__
-    from .metrics import cpu_attention, cpu_gelu, cpu_matmul
+    from .metrics import cpu_attention, cpu_gelu, cpu_matmul, cpu_mkl
     from .metrics.flops import FLOP_CONVENTION
     return {"git_sha": git_sha(), "torch_version": torch.__version__,
             "python_version": platform.python_version(), "harness_version": __version__,
@@ -115,7 +115,8 @@ def environment_tags(device: str) -> dict[str, str]:
             "torch_threads": str(torch.get_num_threads()),
             "cpu_linear": cpu_matmul.path() if device == "cpu" else "n/a",
             "cpu_gelu": cpu_gelu.path() if device == "cpu" else "n/a",
-            "cpu_attention": cpu_attention.path() if device == "cpu" else "n/a"}
+            "cpu_attention": cpu_attention.path() if device == "cpu" else "n/a",
+            "cpu_mkl": cpu_mkl.mode() if device == "cpu" else "n/a"}
 
 
 def _chunks(items: list, n: int):

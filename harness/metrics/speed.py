@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import cpu_attention, cpu_malloc
+from . import cpu_attention, cpu_malloc, cpu_mkl
 
 # harness name -> torch.nn.attention.SDPBackend member
 ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -373,6 +373,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
     out: dict = {"batch_size": opts.batch_size, "bf16": opts.bf16, "compile": opts.compile,
                  "channels_last": opts.channels_last, "attention": opts.attention,
                  "malloc": cpu_malloc.mode() if device.type == "cpu" else "",
+                 "cpu_mkl": cpu_mkl.mode() if device.type == "cpu" else "",
                  "device": str(device), "timed_steps": opts.steps, "warmup_steps": opts.warmup}
     peaks = []
     if opts.train:
