@@ -157,3 +157,15 @@ def test_a_benchmark_reports_the_mode(tmp_path):
                        env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert b.returncode == 0, b.stderr
     assert json.loads(b.stdout)[0]["cpu_mkl"] == "avx512"
+
+
+def test_the_recorded_command_shows_the_kernel_environment(monkeypatch):
+    from harness.sweep import KERNEL_ENV, command_line
+    for k in KERNEL_ENV:
+        monkeypatch.delenv(k, raising=False)
+    argv = ["run", "studies/speed_dit.yaml", "--profile", "cpu-target"]
+    assert command_line(argv) == "harness run studies/speed_dit.yaml --profile cpu-target"
+    monkeypatch.setenv("HARNESS_CPU_MKL", "avx512")
+    monkeypatch.setenv("HARNESS_CPU_GELU", "aten")
+    assert command_line(argv) == ("HARNESS_CPU_MKL=avx512 HARNESS_CPU_GELU=aten "
+                                  "harness run studies/speed_dit.yaml --profile cpu-target")
