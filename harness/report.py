@@ -476,7 +476,12 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
         hist = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], "train_loss"))
         if hist:
             curves.setdefault(r["cell"], []).append(np.array(hist, dtype=float))
-    plot_loss_curves(curves, out / "loss_curves.png")
+    plots = ["pareto.png", "throughput.png"]
+    if curves:  # a benchmark study trains nothing: no curves, no empty plot
+        plot_loss_curves(curves, out / "loss_curves.png")
+        plots.append("loss_curves.png")
+    else:
+        (out / "loss_curves.png").unlink(missing_ok=True)  # an earlier render's
     artifacts = copy_artifacts(client, df, out)
 
     # csv
@@ -535,7 +540,7 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
            "## Plots", "",
            f"![quality vs GFLOPs](pareto.png)", "",
            f"![throughput](throughput.png)", "",
-           f"![loss curves](loss_curves.png)", ""]
+           *([f"![loss curves](loss_curves.png)", ""] if "loss_curves.png" in plots else [])]
     if artifacts:
         md += ["## Samples and confusion matrices (lowest seed of each cell)", ""]
         md += [f"![{a}]({a})" for a in artifacts] + [""]
@@ -546,7 +551,7 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
     (out / "README.md").write_text("\n".join(md))
     body = "\n".join(html_sections)
     imgs = "".join(f'<p><img src="{html.escape(p)}" style="max-width:720px"></p>'
-                   for p in ["pareto.png", "throughput.png", "loss_curves.png", *artifacts])
+                   for p in [*plots, *artifacts])
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(study.study_name) +
         "</title><style>body{font-family:sans-serif;max-width:1000px;margin:auto}"

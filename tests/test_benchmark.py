@@ -391,3 +391,6 @@ def test_packing_study_reports_the_in_trial_ratio_beside_the_across_trial_one(tm
     judged = pack["train_speedup_vs_reference"] / pack["reference_tokens_per_real_token"]
     assert cells[8] == f"{judged:.0%}"
     assert cells[9].count("met") == 2 and " / " in cells[9]
+    # a benchmark trains nothing: no empty loss-curve plot, and no link to one
+    assert not (out / "loss_curves.png").exists() and "loss_curves.png" not in md
+    assert "loss_curves.png" not in (out / "report.html").read_text()
