@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         from .bench_peer import hardware
         from .metrics.peak import measure_peak
+        from .sweep import kernel_env
         r.update(measure_peak(args.device), hardware=hardware(),
-                 command="python -m harness.bench_packing " + " ".join(argv))
+                 command=kernel_env() + "python -m harness.bench_packing " + " ".join(argv))
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_report(r))

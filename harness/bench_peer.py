@@ -48,6 +48,7 @@ from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate, paired_ratios, set_threads
 from .processes import merge_numbers, run_in_processes
+from .sweep import kernel_env
 from .tracking import cpu_model, git_sha
 
 PEER = "vit-pytorch"
@@ -362,7 +363,7 @@ def run_peer(args) -> dict:
             "ours_cpu_linear": cpu_matmul.path(), "ours_cpu_gelu": cpu_gelu.path(),
             "ours_cpu_attention": cpu_attention.path(), "malloc": malloc,
             "load_avg_after": os.getloadavg(), "hardware": hardware(), "rows": rows,
-            "command": "python -m harness.bench_peer " + " ".join(args.argv)}
+            "command": kernel_env() + "python -m harness.bench_peer " + " ".join(args.argv)}
 
 
 def run_processes(args) -> dict:
@@ -374,7 +375,7 @@ def run_processes(args) -> dict:
     is one sample of the ratio, not the ratio."""
     runs = run_in_processes("harness.bench_peer", args.argv, args.processes)
     merged = merge_processes(runs)
-    merged["command"] = "python -m harness.bench_peer " + " ".join(args.argv)
+    merged["command"] = kernel_env() + "python -m harness.bench_peer " + " ".join(args.argv)
     return merged
 
 

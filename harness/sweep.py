@@ -623,8 +623,14 @@ def command_line(argv: list[str] | None = None) -> str:
     kernel-choosing environment variables that are set (``KERNEL_ENV``)."""
     import shlex
     args = sys.argv[1:] if argv is None else argv
-    env = [f"{k}={shlex.quote(os.environ[k])}" for k in KERNEL_ENV if os.environ.get(k, "").strip()]
-    return " ".join([*env, "harness", *(shlex.quote(mask_url(a)) for a in args)])
+    return kernel_env() + "harness " + " ".join(shlex.quote(mask_url(a)) for a in args)
+
+
+def kernel_env() -> str:
+    """``KERNEL_ENV`` variables that are set, as a command's prefix (``"K=V "``), or ''."""
+    import shlex
+    return "".join(f"{k}={shlex.quote(os.environ[k])} " for k in KERNEL_ENV
+                   if os.environ.get(k, "").strip())
 
 
 def run_study(study_path, *, profile=None, storage=None, tracking_uri=None, n_trials=None,

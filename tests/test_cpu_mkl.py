@@ -160,7 +160,7 @@ def test_a_benchmark_reports_the_mode(tmp_path):
 
 
 def test_the_recorded_command_shows_the_kernel_environment(monkeypatch):
-    from harness.sweep import KERNEL_ENV, command_line
+    from harness.sweep import KERNEL_ENV, command_line, kernel_env
     for k in KERNEL_ENV:
         monkeypatch.delenv(k, raising=False)
     argv = ["run", "studies/speed_dit.yaml", "--profile", "cpu-target"]
@@ -169,3 +169,4 @@ def test_the_recorded_command_shows_the_kernel_environment(monkeypatch):
     monkeypatch.setenv("HARNESS_CPU_GELU", "aten")
     assert command_line(argv) == ("HARNESS_CPU_MKL=avx512 HARNESS_CPU_GELU=aten "
                                   "harness run studies/speed_dit.yaml --profile cpu-target")
+    assert kernel_env() == "HARNESS_CPU_MKL=avx512 HARNESS_CPU_GELU=aten "  # the benchmarks' prefix
