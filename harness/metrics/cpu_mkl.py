@@ -96,7 +96,7 @@ def build(directory: Path | None = None) -> Path:
         return out
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc.split()[0]) is None:
-        raise ConfigError(f"{ENV}=avx512 builds a one-line C library, but there is no C compiler "
+        raise ConfigError(f"it builds a one-line C library, but there is no C compiler "
                           f"({cc!r} not on PATH; set CC, or install gcc)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -106,11 +106,11 @@ def build(directory: Path | None = None) -> Path:
             r = subprocess.run([*cc.split(), "-shared", "-fPIC", "-O2", "-o", str(lib), str(src)],
                                capture_output=True, text=True, timeout=120)
             if r.returncode != 0:
-                raise ConfigError(f"{ENV}=avx512: {cc} could not build the MKL shim: "
+                raise ConfigError(f"{cc} could not build the MKL shim: "
                                   f"{(r.stderr or r.stdout).strip()[:400]}")
             os.replace(lib, out)  # atomic: parallel workers see a whole file or none
     except OSError as e:
-        raise ConfigError(f"{ENV}=avx512: cannot write the MKL shim to {directory}: {e}; "
+        raise ConfigError(f"cannot write the MKL shim to {directory}: {e}; "
                           f"set HARNESS_CACHE_DIR to a writable folder") from e
     return out
 
