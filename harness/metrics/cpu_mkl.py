@@ -109,6 +109,8 @@ def build(directory: Path | None = None) -> Path:
                 raise ConfigError(f"{cc} could not build the MKL shim: "
                                   f"{(r.stderr or r.stdout).strip()[:400]}")
             os.replace(lib, out)  # atomic: parallel workers see a whole file or none
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"{cc} took over 120 s to build the MKL shim") from None
     except OSError as e:
         raise ConfigError(f"cannot write the MKL shim to {directory}: {e}; "
                           f"set HARNESS_CACHE_DIR to a writable folder") from e
