@@ -129,6 +129,11 @@ def cmd_bench(args) -> int:
             print(f"Speed: device {r['device']}, batch {args.batch_size}, {args.warmup} warm-up + "
                   f"{args.steps} timed steps, median step; train = fwd + bwd + AdamW; "
                   f"attention kernel {r['attention']}; peak memory from {r['peak_mem_source']}.")
+            if r["device"] == "cpu":
+                print(f"CPU kernels: Linear {cpu_matmul.path()}, GELU {cpu_gelu.path()}, short "
+                      f"attention {cpu_attention.path()}, MKL dispatch {r.get('cpu_mkl', '?')}, "
+                      f"malloc {r.get('malloc', '?')} (harness/metrics/cpu_*.py; "
+                      f"HARNESS_CPU_* and HARNESS_MALLOC override them).")
             if args.mfu:
                 print(f"MFU: 3 (train) or 1 (infer) x fwd MACs x 2 x samples/s / peak flop/s, peak = "
                       f"the best dense {r['mfu_peak']} GEMM measured in this process "

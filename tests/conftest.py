@@ -1,12 +1,17 @@
 """Shared fixtures: a tiny, fast study and helpers to run the real CLI in-process."""
 from __future__ import annotations
 
+import os
 import sqlite3
 import textwrap
 from pathlib import Path
 
-import pytest
-import torch
+# MKL's dispatch is fixed when torch loads, before any test runs: the suite runs on MKL's
+# own (tests/test_cpu_mkl.py starts fresh interpreters for HARNESS_CPU_MKL=avx512)
+os.environ.pop("HARNESS_CPU_MKL", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from harness import cli
 

@@ -60,6 +60,18 @@ def test_bench_measures_throughput(capsys):
     assert rec["train_samples_per_s"] > 0 and rec["infer_samples_per_s"] > 0
     assert rec["train_step_ms_min"] <= rec["train_step_ms_median"] <= rec["train_step_ms_max"]
     assert rec["config.depth"] == 1
+    assert rec["cpu_mkl"] == "vendor"  # this process imported torch first: MKL's own dispatch
+
+
+def test_bench_table_names_the_cpu_kernels_it_ran(capsys):
+    from harness.metrics import cpu_attention, cpu_gelu, cpu_matmul
+    args = ["bench", "vit-digits", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+            "--device", "cpu"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("CPU kernels:"))
+    assert f"Linear {cpu_matmul.path()}," in line and f"GELU {cpu_gelu.path()}," in line
+    assert f"short attention {cpu_attention.path()}," in line and "MKL dispatch vendor" in line
 
 
 def test_bench_ops_prints_where_a_train_step_goes(capsys):
