@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(r) if args.json else render(r))
     if args.out:
         from .bench_peer import hardware
+        from .metrics.kernel_choice import kernel_env
         from .metrics.peak import measure_peak
-        from .sweep import kernel_env
         r.update(measure_peak(args.device), hardware=hardware(),
                  command=kernel_env() + "python -m harness.bench_packing " + " ".join(argv))
         out = Path(args.out)

@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl
+from .metrics.kernel_choice import kernel_env
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate, paired_ratios, set_threads
 from .processes import merge_numbers, run_in_processes
-from .sweep import kernel_env
 from .tracking import cpu_model, git_sha
 
 PEER = "vit-pytorch"

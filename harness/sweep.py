@@ -32,6 +32,7 @@ import numpy as np
 
 from . import registry
 from .errors import ConfigError, DivergedError, HarnessError, StorageError, StudyError, TrialFailed
+from .metrics.kernel_choice import kernel_env
 from .studies import Study, load_study, resolve_trial
 from .tracking import RUN_STATUS, Tracker, default_tracking_uri, environment_tags, mask_url, terminate_run
 
@@ -612,25 +613,12 @@ def check_cells_on_device(study, device: str) -> None:
             raise StudyError(f"{study.path}: cell {cell_id(cell)} on device {device}: {e}") from None
 
 
-# the environment variables that change which kernels run (harness/metrics/cpu_*.py): a run
-# made with one set is reproduced only with it, so the command line shows them
-KERNEL_ENV = ("HARNESS_CPU_MKL", "HARNESS_CPU_LINEAR", "HARNESS_CPU_GELU",
-              "HARNESS_CPU_ATTENTION", "HARNESS_MALLOC")
-
-
 def command_line(argv: list[str] | None = None) -> str:
     """The invocation as typed (URLs masked), for the parent run and the report, after the
-    kernel-choosing environment variables that are set (``KERNEL_ENV``)."""
+    kernel-choosing environment variables that are set (``kernel_choice.KERNEL_ENV``)."""
     import shlex
     args = sys.argv[1:] if argv is None else argv
     return kernel_env() + "harness " + " ".join(shlex.quote(mask_url(a)) for a in args)
-
-
-def kernel_env() -> str:
-    """``KERNEL_ENV`` variables that are set, as a command's prefix (``"K=V "``), or ''."""
-    import shlex
-    return "".join(f"{k}={shlex.quote(os.environ[k])} " for k in KERNEL_ENV
-                   if os.environ.get(k, "").strip())
 
 
 def run_study(study_path, *, profile=None, storage=None, tracking_uri=None, n_trials=None,

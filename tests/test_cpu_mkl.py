@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 
 from harness.errors import ConfigError
-from harness.metrics import cpu_mkl
-from harness.tracking import cpuinfo
+from harness.metrics import cpu_matmul, cpu_mkl
 
 ROOT = Path(__file__).resolve().parent.parent
 
-_flags = cpuinfo().get("flags", "").split()
-AMD_AVX512 = (sys.platform.startswith("linux") and cpuinfo().get("vendor_id") == "AuthenticAMD"
-              and "avx512f" in _flags)
+AMD_AVX512 = (sys.platform.startswith("linux") and cpu_matmul.cpu_vendor() == "AuthenticAMD"
+              and "avx512f" in cpu_matmul.cpu_flags())
 HAS_CC = shutil.which(os.environ.get("CC") or "cc") is not None
 needs_amd_avx512 = pytest.mark.skipif(
     not (AMD_AVX512 and HAS_CC),
@@ -55,23 +53,24 @@ def test_a_bad_value_stops_the_cli_before_any_work(tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing built either
 
 
-def test_without_avx512_the_request_is_refused_with_the_reason(fresh_state, monkeypatch):
+def _ask_for_avx512_on(monkeypatch, vendor: str, flags: set[str]) -> None:
+    """HARNESS_CPU_MKL=avx512 on an x86-64 Linux machine with this CPU, whatever runs the test."""
     monkeypatch.setenv(cpu_mkl.ENV, "avx512")
-    monkeypatch.setattr(cpu_mkl, "_cpuinfo", lambda: {"vendor_id": "AuthenticAMD",
-                                                      "flags": "fpu sse2 avx avx2 fma"})
+    monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_matmul, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(cpu_mkl.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(cpu_mkl.sys, "platform", "linux")
+
+
+def test_without_avx512_the_request_is_refused_with_the_reason(fresh_state, monkeypatch):
+    _ask_for_avx512_on(monkeypatch, "AuthenticAMD", {"fpu", "sse2", "avx", "avx2", "fma"})
     with pytest.raises(ConfigError, match="no AVX-512F.*HARNESS_CPU_MKL=vendor"):
         cpu_mkl.check()
     assert cpu_mkl.mode() == "vendor"
 
 
 def test_on_intel_it_changes_nothing(fresh_state, monkeypatch):
-    monkeypatch.setenv(cpu_mkl.ENV, "avx512")
-    monkeypatch.setattr(cpu_mkl, "_cpuinfo", lambda: {"vendor_id": "GenuineIntel",
-                                                      "flags": "avx2 avx512f"})
-    monkeypatch.setattr(cpu_mkl.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(cpu_mkl.sys, "platform", "linux")
+    _ask_for_avx512_on(monkeypatch, "GenuineIntel", {"avx2", "avx512f"})
     assert cpu_mkl.check() == "vendor"  # MKL's own dispatch is Intel's code already
     assert not cpu_mkl._state["loaded"]
 
@@ -84,7 +83,6 @@ def test_no_compiler_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_the_linear_rule_follows_mkl_avx512(monkeypatch):
-    from harness.metrics import cpu_matmul
     monkeypatch.setattr(cpu_mkl, "mode", lambda: "avx512")
     assert cpu_matmul._rule() == "aten"
 
@@ -160,7 +158,8 @@ def test_a_benchmark_reports_the_mode(tmp_path):
 
 
 def test_the_recorded_command_shows_the_kernel_environment(monkeypatch):
-    from harness.sweep import KERNEL_ENV, command_line, kernel_env
+    from harness.metrics.kernel_choice import KERNEL_ENV, kernel_env
+    from harness.sweep import command_line
     for k in KERNEL_ENV:
         monkeypatch.delenv(k, raising=False)
     argv = ["run", "studies/speed_dit.yaml", "--profile", "cpu-target"]

@@ -14,8 +14,9 @@ branch ``AVX512_E1``).  This is the usual stand-in for ``MKL_DEBUG_CPU_TYPE=5``,
 ones because the CPU has AVX-512F.
 
 Measured on a 2-core AMD EPYC Zen 4 (family 25 model 17), torch 2.13.0+cpu, without / with
-it: ``torch.mm`` 2048^3 174 -> 211 GFLOP/s, attention's batched QK^T (96 x 256 x 64) 124 ->
-164, SDPA forward at DiT-S/2 shapes 14.0 -> 11.4 ms; whole train steps in docs/speed.md.
+it (``python -m harness.metrics.cpu_matmul``, DiT-S / ViT-S Linear shapes): ``torch.mm``
+forward 95-168 -> 178-200 GFLOP/s, input gradient 124-166 -> 186-199, weight gradient
+130-167 -> 156-195; oneDNN 162-205 either way.  Whole train steps: docs/speed.md.
 
 Modes (``HARNESS_CPU_MKL``):
     vendor  MKL's own dispatch (the default)
@@ -36,6 +37,7 @@ the vendor path's to float rounding (tests/test_cpu_mkl.py), not bit for bit.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -46,6 +48,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import cpu_matmul  # stdlib only at import: safe before torch
 
 ENV = "HARNESS_CPU_MKL"
 CHOICES = ("vendor", "avx512")
@@ -68,20 +71,15 @@ def cache_dir() -> Path:
     return Path(base) / "sora-harness"
 
 
-def _cpuinfo() -> dict[str, str]:
-    from ..tracking import cpuinfo  # stdlib only: safe before torch
-    return cpuinfo()
-
-
 def _intel() -> bool:
-    return _cpuinfo().get("vendor_id", "") == "GenuineIntel"
+    return cpu_matmul.cpu_vendor() == "GenuineIntel"
 
 
 def _not_here() -> str | None:
     """Why ``avx512`` cannot work on this machine at all (None: it can)."""
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it needs x86-64 Linux (this is {sys.platform} on {platform.machine()})"
-    if "avx512f" not in _cpuinfo().get("flags", "").split():
+    if "avx512f" not in cpu_matmul.cpu_flags():
         return "this CPU has no AVX-512F (/proc/cpuinfo flags), so MKL has no AVX-512 code to run"
     return None
 
@@ -141,6 +139,7 @@ def preload() -> None:
     _state["why"] = why
 
 
+@functools.lru_cache(maxsize=1)  # MKL's choice is fixed once torch has loaded it
 def _mkl_detect() -> int | None:
     """MKL's dispatcher's code for this CPU (on an AMD Zen 4: 0, generic, without the shim;
     7, AVX-512, with it), or None where this torch has no MKL or does not export it."""

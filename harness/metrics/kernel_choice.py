@@ -9,6 +9,18 @@ from typing import Callable
 
 from ..errors import ConfigError
 
+# the environment variables that change which kernels run (harness/metrics/cpu_*.py): a run
+# made with one set is reproduced only with it, so recorded commands show them
+KERNEL_ENV = ("HARNESS_CPU_MKL", "HARNESS_CPU_LINEAR", "HARNESS_CPU_GELU",
+              "HARNESS_CPU_ATTENTION", "HARNESS_MALLOC")
+
+
+def kernel_env() -> str:
+    """``KERNEL_ENV`` variables that are set, as a command's prefix (``"K=V "``), or ''."""
+    import shlex
+    return "".join(f"{k}={shlex.quote(os.environ[k])} " for k in KERNEL_ENV
+                   if os.environ.get(k, "").strip())
+
 
 class KernelChoice:
     """``choices[0]`` is the plain path that always works; ``unavailable(name)`` says why
