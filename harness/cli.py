@@ -131,7 +131,8 @@ def cmd_bench(args) -> int:
                   f"attention kernel {r['attention']}; peak memory from {r['peak_mem_source']}.")
             if r["device"] == "cpu":
                 print(f"CPU kernels: Linear {cpu_matmul.path()}, GELU {cpu_gelu.path()}, short "
-                      f"attention {cpu_attention.path()}, MKL dispatch {r.get('cpu_mkl', '?')}, "
+                      f"attention {cpu_attention.path()}, MKL dispatch {r.get('cpu_mkl', '?')}"
+                      f"{f' ({cpu_mkl.why_not()})' if cpu_mkl.why_not() else ''}, "
                       f"malloc {r.get('malloc', '?')} (harness/metrics/cpu_*.py; "
                       f"HARNESS_CPU_* and HARNESS_MALLOC override them).")
             if args.mfu:

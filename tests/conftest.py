@@ -6,10 +6,12 @@ import sqlite3
 import textwrap
 from pathlib import Path
 
-# MKL's dispatch is fixed when torch loads, before any test runs: the suite runs on MKL's
-# own (tests/test_cpu_mkl.py starts fresh interpreters for HARNESS_CPU_MKL=avx512)
+# MKL's dispatch is fixed when torch loads, before any test runs: the suite runs on the
+# default (HARNESS_CPU_MKL=auto, whatever the caller's), so harness is imported before torch;
+# tests/test_cpu_mkl.py starts fresh interpreters for the other modes
 os.environ.pop("HARNESS_CPU_MKL", None)
 
+import harness  # noqa: E402,F401
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -27,9 +27,11 @@ needs_amd_avx512 = pytest.mark.skipif(
     reason="needs an AMD CPU with AVX-512F and a C compiler (MKL's AVX-512 code on AMD)")
 
 
-def _python(code: str, mode: str | None, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _python(code: str, mode: str | None, tmp_path: Path, *args: str,
+            **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != cpu_mkl.ENV}
     env["HARNESS_CACHE_DIR"] = str(tmp_path / "cache")
+    env.update(extra_env)
     if mode is not None:
         env[cpu_mkl.ENV] = mode
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
@@ -48,14 +50,14 @@ def test_a_bad_value_stops_the_cli_before_any_work(tmp_path):
                         "--profile", "smoke", "--runs-dir", str(tmp_path / "runs")],
                        env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2, r.stderr
-    assert "HARNESS_CPU_MKL='avx2'" in r.stderr and "vendor, avx512" in r.stderr
+    assert "HARNESS_CPU_MKL='avx2'" in r.stderr and "auto, vendor, avx512" in r.stderr
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "cache").exists()  # nothing built either
 
 
-def _ask_for_avx512_on(monkeypatch, vendor: str, flags: set[str]) -> None:
-    """HARNESS_CPU_MKL=avx512 on an x86-64 Linux machine with this CPU, whatever runs the test."""
-    monkeypatch.setenv(cpu_mkl.ENV, "avx512")
+def _ask_for_avx512_on(monkeypatch, vendor: str, flags: set[str], mode: str = "avx512") -> None:
+    """HARNESS_CPU_MKL=mode on an x86-64 Linux machine with this CPU, whatever runs the test."""
+    monkeypatch.setenv(cpu_mkl.ENV, mode)
     monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(cpu_matmul, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(cpu_mkl.platform, "machine", lambda: "x86_64")
@@ -64,9 +66,18 @@ def _ask_for_avx512_on(monkeypatch, vendor: str, flags: set[str]) -> None:
 
 def test_without_avx512_the_request_is_refused_with_the_reason(fresh_state, monkeypatch):
     _ask_for_avx512_on(monkeypatch, "AuthenticAMD", {"fpu", "sse2", "avx", "avx2", "fma"})
-    with pytest.raises(ConfigError, match="no AVX-512F.*HARNESS_CPU_MKL=vendor"):
+    with pytest.raises(ConfigError, match="no AVX-512F.*HARNESS_CPU_MKL=auto or vendor"):
         cpu_mkl.check()
     assert cpu_mkl.mode() == "vendor"
+
+
+def test_auto_is_the_default_and_without_avx512_quietly_keeps_mkls_dispatch(fresh_state, monkeypatch):
+    monkeypatch.delenv(cpu_mkl.ENV, raising=False)
+    assert cpu_mkl.requested() == "auto"
+    _ask_for_avx512_on(monkeypatch, "AuthenticAMD", {"fpu", "sse2", "avx", "avx2", "fma"}, "auto")
+    assert cpu_mkl.check() == "vendor"  # no error: auto takes the AVX-512 code only where it can
+    assert "no AVX-512F" in cpu_mkl.why_not()
+    assert not cpu_mkl._state["loaded"]
 
 
 def test_on_intel_it_changes_nothing(fresh_state, monkeypatch):
@@ -80,11 +91,6 @@ def test_no_compiler_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no C compiler.*'no-such-cc-anywhere'"):
         cpu_mkl.build(tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
-
-
-def test_the_linear_rule_follows_mkl_avx512(monkeypatch):
-    monkeypatch.setattr(cpu_mkl, "mode", lambda: "avx512")
-    assert cpu_matmul._rule() == "aten"
 
 
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
@@ -102,6 +108,22 @@ def test_torch_imported_first_is_refused(tmp_path):
     r = _python("import torch, harness\nfrom harness.metrics import cpu_mkl\ncpu_mkl.check()",
                 "avx512", tmp_path)
     assert r.returncode != 0 and "torch was imported before harness" in r.stderr
+
+
+_WHICH = "import harness\nfrom harness.metrics import cpu_mkl\nprint(cpu_mkl.check(), '|', cpu_mkl.why_not())"
+
+
+@needs_amd_avx512
+def test_auto_falls_back_to_mkls_dispatch_where_it_cannot_act(tmp_path):
+    late = _python("import torch\n" + _WHICH, None, tmp_path)
+    assert late.returncode == 0, late.stderr
+    assert late.stdout.startswith("vendor |") and "torch was imported before harness" in late.stdout
+    no_cc = _python(_WHICH, "auto", tmp_path, CC="no-such-cc-anywhere")
+    assert no_cc.returncode == 0, no_cc.stderr
+    assert no_cc.stdout.startswith("vendor |") and "no C compiler" in no_cc.stdout
+    assert not (tmp_path / "cache").exists()
+    ok = _python(_WHICH, None, tmp_path)
+    assert ok.returncode == 0 and ok.stdout.strip() == "avx512 | None", ok.stderr
 
 
 _PROBE = """
@@ -127,7 +149,7 @@ print(json.dumps({"mode": cpu_mkl.check(), "detect": cpu_mkl._mkl_detect(),
 def test_mkl_takes_its_avx512_code_and_results_agree_to_rounding(tmp_path):
     import torch
     out = {}
-    for mode in ("vendor", "avx512"):
+    for mode in ("vendor", "avx512", None):  # None: unset, the default (auto)
         r = _python(_PROBE, mode, tmp_path, str(tmp_path / f"{mode}.pt"))
         assert r.returncode == 0, r.stderr
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -136,6 +158,7 @@ def test_mkl_takes_its_avx512_code_and_results_agree_to_rounding(tmp_path):
     assert {k: out["vendor"][k] for k in ("mode", "detect", "tag")} == \
         {"mode": "vendor", "detect": 0, "tag": "vendor"}
     assert out["avx512"]["mode"] == "avx512" and out["avx512"]["tag"] == "avx512"
+    assert out[None] == out["avx512"]  # on this CPU the default takes the AVX-512 code
     assert out["avx512"]["linear"] == "aten"  # MKL's Intel code: the Intel rule
     assert out["avx512"]["detect"] >= cpu_mkl.AVX512_CODE
     assert any((tmp_path / "cache").glob("mkl_intel_cpu_true-*.so"))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul
+from harness.metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl
 from harness.metrics.speed import SpeedOptions, measure_speed
 from variants import common
 from variants.dit import gated, modulate
@@ -126,6 +126,8 @@ def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
               and cpu_matmul.onednn_available() and os.uname().machine == "x86_64")
     zen4 = cpu_matmul.cpu_vendor() == "AuthenticAMD" and cpu_matmul.cpu_family() == 25
     rule = ("onednn-mm-wgrad" if zen4 else "onednn") if onednn else "aten"
+    if cpu_mkl.mode() == "avx512":  # the subprocess, like this one, took MKL's AVX-512 code
+        rule = "aten"
     assert r.stdout.strip() == rule
     assert _path_in_subprocess(cpu_matmul, "aten").stdout.strip() == "aten"
     bad = _path_in_subprocess(cpu_matmul, "mkl")
@@ -134,15 +136,18 @@ def test_cpu_linear_default_follows_the_vendor_rule_and_the_env_override():
         cpu_matmul.set_path("blas")
 
 
-@pytest.mark.parametrize("vendor,family,flags,want", [
-    ("AuthenticAMD", 26, {"avx2", "avx512f"}, "onednn"),           # Zen 5
-    ("AuthenticAMD", 25, {"avx2", "avx512f"}, "onednn-mm-wgrad"),  # Zen 4: MKL's weight grads win
-    ("AuthenticAMD", 25, {"avx2"}, "aten"),                        # Zen 3: MKL's AVX2 kernels win
-    ("GenuineIntel", 6, {"avx2", "avx512f"}, "aten"),              # MKL runs AVX-512 on Intel
-    ("", None, set(), "aten"),                                     # no /proc/cpuinfo
+@pytest.mark.parametrize("vendor,family,flags,mkl,want", [
+    ("AuthenticAMD", 26, {"avx2", "avx512f"}, "vendor", "onednn"),           # Zen 5, MKL's AVX2 code
+    ("AuthenticAMD", 25, {"avx2", "avx512f"}, "vendor", "onednn-mm-wgrad"),  # Zen 4: MKL's weight grads win
+    ("AuthenticAMD", 26, {"avx2", "avx512f"}, "avx512", "aten"),  # MKL's AVX-512 code (the default)
+    ("AuthenticAMD", 25, {"avx2", "avx512f"}, "avx512", "aten"),
+    ("AuthenticAMD", 25, {"avx2"}, "vendor", "aten"),                        # Zen 3: MKL's AVX2 kernels win
+    ("GenuineIntel", 6, {"avx2", "avx512f"}, "vendor", "aten"),              # MKL runs AVX-512 on Intel
+    ("", None, set(), "vendor", "aten"),                                     # no /proc/cpuinfo
 ])
-def test_cpu_linear_rule_table(monkeypatch, vendor, family, flags, want):
+def test_cpu_linear_rule_table(monkeypatch, vendor, family, flags, mkl, want):
     # an x86 machine whose torch build has oneDNN, whatever runs the test
+    monkeypatch.setattr(cpu_mkl, "mode", lambda: mkl)
     monkeypatch.setattr(cpu_matmul.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(cpu_matmul, "onednn_available", lambda: True)
     monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)

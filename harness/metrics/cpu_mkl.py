@@ -13,23 +13,29 @@ branch ``AVX512_E1``).  This is the usual stand-in for ``MKL_DEBUG_CPU_TYPE=5``,
 2020.1 stopped honouring.  The instruction set is still checked: the kernels are AVX-512
 ones because the CPU has AVX-512F.
 
-Measured on a 2-core AMD EPYC Zen 4 (family 25 model 17), torch 2.13.0+cpu, without / with
-it (``python -m harness.metrics.cpu_matmul``, DiT-S / ViT-S Linear shapes): ``torch.mm``
-forward 95-168 -> 178-200 GFLOP/s, input gradient 124-166 -> 186-199, weight gradient
-130-167 -> 156-195; oneDNN 162-205 either way.  Whole train steps: docs/speed.md.
+Measured on 2-core AMD EPYCs, torch 2.13.0+cpu, MKL's own dispatch -> its AVX-512 code
+(``python -m harness.metrics.cpu_matmul``, DiT-S / ViT-S Linear shapes, ``torch.mm`` GFLOP/s):
+Zen 4 (family 25) forward 95-168 -> 178-200, weight gradient 130-167 -> 156-195, oneDNN
+162-205 either way; Zen 5 (family 26) forward 96-185 -> 233-445, weight gradient 104-188 ->
+222-420, oneDNN forward 194-418 either way.  Whole train steps gained 1.04-1.24×
+(docs/speed.md).
 
 Modes (``HARNESS_CPU_MKL``):
-    vendor  MKL's own dispatch (the default)
-    avx512  MKL's Intel code path, on an x86-64 Linux CPU with AVX-512F; on an Intel CPU
-            that is MKL's own choice already, so there it changes nothing (mode ``vendor``)
+    auto    (the default) ``avx512`` where it can act: a non-Intel x86-64 Linux CPU with
+            AVX-512F, a C compiler, a writable cache, and harness imported before torch;
+            anywhere else MKL's own dispatch, silently (``why_not()`` says why)
+    vendor  MKL's own dispatch
+    avx512  MKL's Intel code path, on an x86-64 Linux CPU with AVX-512F, or a clear error
+            saying why not; on an Intel CPU that is MKL's own choice already, so there it
+            changes nothing (mode ``vendor``)
 
-``avx512`` is opt-in.  It works by loading a one-function library built from
-``SHIM_SOURCE`` with the system C compiler (``$CC``, else ``cc``) into a cache folder
-(``$HARNESS_CACHE_DIR``, else ``$XDG_CACHE_HOME/sora-harness``, else
-``~/.cache/sora-harness``) and loading it with ``RTLD_GLOBAL``.  That has to happen before
-``import torch``: ``harness/__init__.py`` calls ``preload()``, so every ``harness`` command and
-``python -m harness...`` gets it; a program that imports torch before harness cannot, and the
-CLI then stops with that reason (``check()``) rather than run on the vendor path unawares.
+It works by loading a one-function library built from ``SHIM_SOURCE`` with the system C
+compiler (``$CC``, else ``cc``) into a cache folder (``$HARNESS_CACHE_DIR``, else
+``$XDG_CACHE_HOME/sora-harness``, else ``~/.cache/sora-harness``) and loading it with
+``RTLD_GLOBAL``.  That has to happen before ``import torch``: ``harness/__init__.py`` calls
+``preload()``, so every ``harness`` command and ``python -m harness...`` gets it; a program
+that imports torch before harness cannot, and with ``avx512`` asked for explicitly the CLI
+then stops with that reason (``check()``) rather than run on the vendor path unawares.
 ``mode()`` reports what MKL actually chose (it asks MKL's dispatcher), and every trial
 records it as the tag ``cpu_mkl``.  The results are those of MKL's AVX-512 kernels: equal to
 the vendor path's to float rounding (tests/test_cpu_mkl.py), not bit for bit.
@@ -51,7 +57,8 @@ from ..errors import ConfigError
 from . import cpu_matmul  # stdlib only at import: safe before torch
 
 ENV = "HARNESS_CPU_MKL"
-CHOICES = ("vendor", "avx512")
+CHOICES = ("auto", "vendor", "avx512")
+DEFAULT = "auto"
 SHIM_SOURCE = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
 # MKL's own codes, as its dispatcher returns them (mkl_serv_cpu_detect)
 AVX512_CODE = 7
@@ -60,8 +67,8 @@ _state: dict = {"requested": None, "loaded": None, "why": None}
 
 
 def requested() -> str:
-    """``$HARNESS_CPU_MKL``, lower-cased ('' when unset); not validated."""
-    return os.environ.get(ENV, "").strip().lower()
+    """``$HARNESS_CPU_MKL``, lower-cased, ``DEFAULT`` when unset or empty; not validated."""
+    return os.environ.get(ENV, "").strip().lower() or DEFAULT
 
 
 def cache_dir() -> Path:
@@ -116,13 +123,14 @@ def build(directory: Path | None = None) -> Path:
 
 
 def preload() -> None:
-    """Load the shim when ``$HARNESS_CPU_MKL=avx512`` and torch is not yet imported; never
-    raises (``harness`` is imported by tests and tools): a failure is kept for ``check()``."""
+    """Load the shim when ``$HARNESS_CPU_MKL`` is ``auto`` or ``avx512`` and torch is not yet
+    imported; never raises (``harness`` is imported by tests and tools): why it did not load
+    is kept, for ``check()`` to raise under ``avx512`` and for ``why_not()``."""
     if _state["requested"] is not None:
         return
     want = requested()
     _state["requested"] = want
-    if want != "avx512":
+    if want not in ("auto", "avx512"):
         return
     why = _not_here()
     if why is None and _intel():
@@ -161,19 +169,28 @@ def mode() -> str:
     return "avx512" if (_mkl_detect() or 0) >= AVX512_CODE else "vendor"
 
 
+def why_not() -> str | None:
+    """Why ``auto`` or ``avx512`` left MKL on its own dispatch here (None: it did not, or
+    ``vendor`` was asked for, or this is an Intel CPU, where that dispatch is Intel's code)."""
+    if _state["loaded"] and mode() != "avx512":
+        return f"MKL's dispatcher did not take its AVX-512 path (mkl_serv_cpu_detect() = {_mkl_detect()})"
+    return _state["why"]
+
+
 def check() -> str:
     """The mode in force; ConfigError before any work when ``$HARNESS_CPU_MKL`` is not a
-    choice, or asks for ``avx512`` and it did not take effect (and why)."""
+    choice, or asks for ``avx512`` and it did not take effect (and why).  ``auto`` never
+    fails: where the AVX-512 code cannot be had it is MKL's own dispatch."""
     want = requested()
-    if want and want not in CHOICES:
+    if want not in CHOICES:
         raise ConfigError(f"{ENV}={os.environ[ENV]!r}: must be one of {', '.join(CHOICES)}")
     preload()  # a no-op if harness/__init__ already ran it
     if want == "avx512" and not _intel():
         if _state["why"]:
-            raise ConfigError(f"{ENV}=avx512: {_state['why']}; unset it or use {ENV}=vendor")
+            raise ConfigError(f"{ENV}=avx512: {_state['why']}; use {ENV}=auto or vendor")
         got = mode()
         if got != "avx512":
             raise ConfigError(f"{ENV}=avx512: the shim loaded but MKL's dispatcher did not take "
                               f"its AVX-512 path (mkl_serv_cpu_detect() = {_mkl_detect()}); "
-                              f"this torch may not link MKL; use {ENV}=vendor")
+                              f"this torch may not link MKL; use {ENV}=auto or vendor")
     return mode()
