@@ -14,7 +14,9 @@ dict) whose fp32 CPU matmuls, forward and backward, run on the library that
 on CPUs without AVX-512, and oneDNN (``linear()``) on AMD with AVX-512, where MKL takes an
 AVX2 path at about half of what the cores do (measured on an AMD EPYC Zen 5: 2 cores, ~100
 vs ~230 GFLOP/s per core; see docs/speed.md); on Zen 4 the weight gradients go to
-``torch.mm`` (MKL), which is faster there at that one matmul.  Under ``torch.compile`` the
+``torch.mm`` (MKL), which is faster there at that one matmul.  Where MKL runs its AVX-512
+code on AMD too (``harness.metrics.cpu_mkl``, the default where a C compiler is there),
+every Linear takes ``F.linear``, as on Intel.  Under ``torch.compile`` the
 oneDNN matmuls are an opaque custom op (``harness::onednn_linear``) that inductor calls
 while fusing the element-wise work.  Tracing (FLOP counting), autocast, CUDA and other
 dtypes take ``F.linear`` unchanged.

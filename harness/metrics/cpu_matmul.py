@@ -39,11 +39,13 @@ measured there).
 So the default is ``onednn-mm-wgrad`` on AMD family 25 with AVX-512 (Zen 4; that family's
 Zen 3 parts lack AVX-512), ``onednn`` on other non-Intel x86 CPUs with AVX-512 (where the
 build has oneDNN), and ``aten`` (torch's own ``F.linear``) elsewhere: a fixed rule, not a
-per-process timing, so the same machine always runs the same kernels.  Where
-``HARNESS_CPU_MKL=avx512`` has MKL run its Intel AVX-512 code on an AMD CPU (``cpu_mkl``),
-the rule is Intel's, ``aten``: on the Zen 4, whole train steps alternated in one process
-under it ran 1.02x faster on ``aten`` than on ``onednn-mm-wgrad`` (DiT-S/2, 7 of 8 rounds;
-ViViT-S Model 1, 6 of 8).
+per-process timing, so the same machine always runs the same kernels.  Where MKL runs
+its Intel AVX-512 code on an AMD CPU (``cpu_mkl``: the default ``HARNESS_CPU_MKL=auto`` does
+that wherever a C compiler is there), the rule is Intel's, ``aten``, so on Zen 4 and Zen 5
+the oneDNN paths above are what a machine without a C compiler, or ``HARNESS_CPU_MKL=vendor``,
+runs.  Under it, whole train steps alternated in one process ran faster on ``aten`` than on
+``onednn-mm-wgrad``: on the Zen 4 1.02x (DiT-S/2, 7 of 8 rounds; ViViT-S Model 1, 6 of 8),
+on a Zen 5 1.00x (DiT-S/2) and 1.08x (ViViT-S Model 1, 7 of 8).
 ``HARNESS_CPU_LINEAR=aten|onednn|onednn-mm-wgrad`` overrides it; every benchmark trial
 records the path in force as a tag.  The engine only holds the setting;
 ``variants.common.Linear`` obeys it.  CUDA, autocast and other dtypes always take

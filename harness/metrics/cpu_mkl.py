@@ -173,7 +173,8 @@ def why_not() -> str | None:
     """Why ``auto`` or ``avx512`` left MKL on its own dispatch here (None: it did not, or
     ``vendor`` was asked for, or this is an Intel CPU, where that dispatch is Intel's code)."""
     if _state["loaded"] and mode() != "avx512":
-        return f"MKL's dispatcher did not take its AVX-512 path (mkl_serv_cpu_detect() = {_mkl_detect()})"
+        return (f"MKL's dispatcher did not take its AVX-512 path "
+                f"(mkl_serv_cpu_detect() = {_mkl_detect()})")
     return _state["why"]
 
 
