@@ -130,9 +130,10 @@ def cmd_bench(args) -> int:
                   f"{args.steps} timed steps, median step; train = fwd + bwd + AdamW; "
                   f"attention kernel {r['attention']}; peak memory from {r['peak_mem_source']}.")
             if r["device"] == "cpu":
+                why = cpu_mkl.why_not()  # why auto (or avx512) left MKL's own dispatch, if it did
                 print(f"CPU kernels: Linear {cpu_matmul.path()}, GELU {cpu_gelu.path()}, short "
                       f"attention {cpu_attention.path()}, MKL dispatch {r.get('cpu_mkl', '?')}"
-                      f"{f' ({cpu_mkl.why_not()})' if cpu_mkl.why_not() else ''}, "
+                      f"{f' ({why})' if why else ''}, "
                       f"malloc {r.get('malloc', '?')} (harness/metrics/cpu_*.py; "
                       f"HARNESS_CPU_* and HARNESS_MALLOC override them).")
             if args.mfu:

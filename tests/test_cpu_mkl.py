@@ -41,7 +41,7 @@ def _python(code: str, mode: str | None, tmp_path: Path, *args: str,
 @pytest.fixture
 def fresh_state(monkeypatch):
     """cpu_mkl's per-process state as if harness had just been imported."""
-    monkeypatch.setattr(cpu_mkl, "_state", {"requested": None, "loaded": None, "why": None})
+    monkeypatch.setattr(cpu_mkl, "_state", {"ran": False, "loaded": None, "why": None})
 
 
 def test_a_bad_value_stops_the_cli_before_any_work(tmp_path):

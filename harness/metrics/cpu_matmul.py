@@ -88,12 +88,16 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def x86() -> bool:
+    """Whether this is an x86-64 machine."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _rule() -> str:
     from . import cpu_mkl
     if cpu_mkl.mode() == "avx512":
         return "aten"  # MKL runs its Intel AVX-512 code (HARNESS_CPU_MKL), as on Intel
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if (x86 and cpu_vendor() not in ("GenuineIntel", "") and "avx512f" in cpu_flags()
+    if (x86() and cpu_vendor() not in ("GenuineIntel", "") and "avx512f" in cpu_flags()
             and onednn_available()):
         return "onednn-mm-wgrad" if cpu_vendor() == "AuthenticAMD" and cpu_family() == 25 else "onednn"
     return "aten"

@@ -63,7 +63,7 @@ SHIM_SOURCE = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
 # MKL's own codes, as its dispatcher returns them (mkl_serv_cpu_detect)
 AVX512_CODE = 7
 
-_state: dict = {"requested": None, "loaded": None, "why": None}
+_state: dict = {"ran": False, "loaded": None, "why": None}
 
 
 def requested() -> str:
@@ -84,7 +84,7 @@ def _intel() -> bool:
 
 def _not_here() -> str | None:
     """Why ``avx512`` cannot work on this machine at all (None: it can)."""
-    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+    if not sys.platform.startswith("linux") or not cpu_matmul.x86():
         return f"it needs x86-64 Linux (this is {sys.platform} on {platform.machine()})"
     if "avx512f" not in cpu_matmul.cpu_flags():
         return "this CPU has no AVX-512F (/proc/cpuinfo flags), so MKL has no AVX-512 code to run"
@@ -126,11 +126,10 @@ def preload() -> None:
     """Load the shim when ``$HARNESS_CPU_MKL`` is ``auto`` or ``avx512`` and torch is not yet
     imported; never raises (``harness`` is imported by tests and tools): why it did not load
     is kept, for ``check()`` to raise under ``avx512`` and for ``why_not()``."""
-    if _state["requested"] is not None:
+    if _state["ran"]:
         return
-    want = requested()
-    _state["requested"] = want
-    if want not in ("auto", "avx512"):
+    _state["ran"] = True
+    if requested() not in ("auto", "avx512"):
         return
     why = _not_here()
     if why is None and _intel():
@@ -173,8 +172,8 @@ def why_not() -> str | None:
     """Why ``auto`` or ``avx512`` left MKL on its own dispatch here (None: it did not, or
     ``vendor`` was asked for, or this is an Intel CPU, where that dispatch is Intel's code)."""
     if _state["loaded"] and mode() != "avx512":
-        return (f"MKL's dispatcher did not take its AVX-512 path "
-                f"(mkl_serv_cpu_detect() = {_mkl_detect()})")
+        return (f"the shim loaded but MKL's dispatcher did not take its AVX-512 path "
+                f"(mkl_serv_cpu_detect() = {_mkl_detect()}); this torch may not link MKL")
     return _state["why"]
 
 
@@ -186,12 +185,6 @@ def check() -> str:
     if want not in CHOICES:
         raise ConfigError(f"{ENV}={os.environ[ENV]!r}: must be one of {', '.join(CHOICES)}")
     preload()  # a no-op if harness/__init__ already ran it
-    if want == "avx512" and not _intel():
-        if _state["why"]:
-            raise ConfigError(f"{ENV}=avx512: {_state['why']}; use {ENV}=auto or vendor")
-        got = mode()
-        if got != "avx512":
-            raise ConfigError(f"{ENV}=avx512: the shim loaded but MKL's dispatcher did not take "
-                              f"its AVX-512 path (mkl_serv_cpu_detect() = {_mkl_detect()}); "
-                              f"this torch may not link MKL; use {ENV}=auto or vendor")
+    if want == "avx512" and not _intel() and why_not():
+        raise ConfigError(f"{ENV}=avx512: {why_not()}; use {ENV}=auto or vendor")
     return mode()
