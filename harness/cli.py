@@ -156,6 +156,7 @@ ARMS = {"eager": "the model as built (fp32)",
         "bf16": "bf16 autocast",
         "aten-gelu": "fp32, tanh-GELU on torch's own kernel (HARNESS_CPU_GELU=aten)",
         "sdpa-attn": "fp32, every attention call through SDPA (HARNESS_CPU_ATTENTION=sdpa)",
+        "matmul-attn": "fp32, short attention as matmuls (HARNESS_CPU_ATTENTION=matmul)",
         "math-attn": "fp32, attention on SDPA's unfused math kernel",
         **{f"{p}-linear": f"fp32, Linear matmuls on the {p} path (HARNESS_CPU_LINEAR={p})"
            for p in cpu_matmul.CHOICES}}
@@ -183,6 +184,11 @@ def with_kernel_paths(step, gelu: str, attention: str, linear: str):
 def _linear_arm(arm: str) -> str | None:
     """The CPU linear path an arm forces (``onednn-linear`` -> ``onednn``), else None."""
     return arm[:-len("-linear")] if arm.endswith("-linear") else None
+
+
+def _attention_arm(arm: str) -> str | None:
+    """The CPU attention path an arm forces (``sdpa-attn`` -> ``sdpa``), else None."""
+    return {"sdpa-attn": "sdpa", "matmul-attn": "matmul"}.get(arm)
 
 
 def bench_alternate(args, specs, overrides: dict, device) -> int:
@@ -217,7 +223,7 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
                 make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16",
                                 attention=attention),
                 gelu="aten" if arm == "aten-gelu" else cpu_gelu.path(),
-                attention="sdpa" if arm == "sdpa-attn" else cpu_attention.path(),
+                attention=_attention_arm(arm) or cpu_attention.path(),
                 linear=_linear_arm(arm) or cpu_matmul.path())
         times = alternate(steps, device, args.warmup, args.rounds, per_round, rewarm=True, abba=True)
         base = statistics.median(times[arms[0]])

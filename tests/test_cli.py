@@ -140,15 +140,17 @@ def test_bench_alternate_kernel_arms_run_their_paths_and_restore_them(capsys):
     from harness.metrics import cpu_attention, cpu_gelu, cpu_matmul
     paths = lambda: (cpu_gelu.path(), cpu_attention.path(), cpu_matmul.path())  # noqa: E731
     before, seen = paths(), []
-    cli.with_kernel_paths(lambda: seen.append(paths()), gelu="aten", attention="sdpa",
-                          linear="aten")()
-    assert seen == [("aten", "sdpa", "aten")] and paths() == before
+    for attention in ("sdpa", "matmul"):
+        cli.with_kernel_paths(lambda: seen.append(paths()), gelu="aten", attention=attention,
+                              linear="aten")()
+    assert seen == [("aten", "sdpa", "aten"), ("aten", "matmul", "aten")] and paths() == before
     args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
             "--steps", "2", "--rounds", "2", "--warmup", "0", "--alternate",
-            "eager,aten-gelu,sdpa-attn,aten-linear"]
+            "eager,aten-gelu,sdpa-attn,matmul-attn,aten-linear"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "aten-gelu" in out and "sdpa-attn" in out and "HARNESS_CPU_LINEAR=aten" in out
+    assert "HARNESS_CPU_ATTENTION=matmul" in out
     assert paths() == before
 
 

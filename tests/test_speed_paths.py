@@ -289,6 +289,78 @@ def test_fused_tanh_gelu_equals_torchs_values_and_gradients(gelu_path):
         torch.testing.assert_close(act(x), F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
 
 
+def _grad_fn_names(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.add(type(f).__name__)
+        todo.extend(n for n, _ in f.next_functions)
+    return names
+
+
+def _mlp_and_reference(x, mlp):
+    """(mlp(x), the same MLP from torch's own F.linear / F.gelu) with every gradient."""
+    params = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    y = mlp(x)
+    ref = F.linear(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), approximate="tanh"),
+                   mlp.fc2.weight, mlp.fc2.bias)
+    g = torch.randn_like(y)
+    return y, ref, torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)
+
+
+@needs_fused_gelu
+def test_mlp_adds_fc1s_bias_inside_the_fused_gelu(gelu_path):
+    """On the fused path with torch's GEMM, fc1 runs without its bias and the GELU's pass
+    adds it: the same values and gradients (fc1's bias included) as F.linear + F.gelu."""
+    gelu_path("fused")
+    old = cpu_matmul.set_path("aten")
+    try:
+        torch.manual_seed(0)
+        mlp = common.Mlp(64, 256, act=common.tanh_gelu)
+        with torch.no_grad():
+            mlp.fc1.bias.normal_()  # a bias that matters
+        x = torch.randn(4, 300, 64, requires_grad=True)  # 307,200 hidden values: fused
+        y, ref, grads, ref_grads = _mlp_and_reference(x, mlp)
+        assert "_FusedGeluTanhBiasBackward" in _grad_fn_names(y)
+        assert "AddmmBackward0" in _grad_fn_names(ref)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        with torch.inference_mode():
+            torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-5)
+        # no bias, a small hidden layer, or torch's GELU kernel: fc1 keeps its bias (F.linear)
+        w = mlp.fc1.weight.detach()
+        torch.testing.assert_close(common.linear_gelu_tanh(x.detach(), w),
+                                   F.gelu(F.linear(x.detach(), w), approximate="tanh"),
+                                   rtol=1e-5, atol=1e-5)
+        small = torch.randn(2, 3, 64, requires_grad=True)
+        assert "_FusedGeluTanhBiasBackward" not in _grad_fn_names(mlp(small))
+        gelu_path("aten")
+        assert "_FusedGeluTanhBiasBackward" not in _grad_fn_names(mlp(x))
+    finally:
+        cpu_matmul.set_path(old)
+
+
+@needs_fused_gelu
+@needs_onednn
+def test_mlp_leaves_fc1s_bias_to_onednn(gelu_path, onednn_path):
+    """oneDNN's Linears add the bias inside the GEMM: there fc1 keeps it, and the GELU is
+    the plain fused one."""
+    gelu_path("fused")
+    torch.manual_seed(0)
+    mlp = common.Mlp(64, 256, act=common.tanh_gelu)
+    x = torch.randn(4, 300, 64, requires_grad=True)
+    y, ref, grads, ref_grads = _mlp_and_reference(x, mlp)
+    names = _grad_fn_names(y)
+    assert "_FusedGeluTanhBiasBackward" not in names and "_FusedGeluTanhBackward" in names
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_tanh_gelu_takes_torchs_kernel_off_the_fused_path(gelu_path):
     small = torch.randn(4, 8)
     assert not common._use_fused_gelu(small)  # too small to be worth a compile
@@ -447,8 +519,16 @@ def test_vivit_models_give_the_same_outputs_and_gradients_on_both_paths(attn_pat
 
 
 
+@pytest.mark.parametrize("vendor, rule", [("GenuineIntel", "sdpa"), ("AuthenticAMD", "matmul"),
+                                          ("", "matmul")])
+def test_cpu_attention_rule_is_sdpa_on_intel_and_matmul_elsewhere(monkeypatch, vendor, rule):
+    monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)
+    assert cpu_attention._rule() == rule
+
+
 def test_cpu_attention_default_env_override_and_cli_check(tmp_path):
-    assert _path_in_subprocess(cpu_attention, None).stdout.strip() == "matmul"
+    expected = "sdpa" if cpu_matmul.cpu_vendor() == "GenuineIntel" else "matmul"
+    assert _path_in_subprocess(cpu_attention, None).stdout.strip() == expected
     assert _path_in_subprocess(cpu_attention, "sdpa").stdout.strip() == "sdpa"
     bad = _path_in_subprocess(cpu_attention, "flash")
     assert bad.returncode != 0 and "HARNESS_CPU_ATTENTION='flash'" in bad.stderr

@@ -2,10 +2,13 @@
 layers as arguments, and fixed sin-cos position embeddings.
 
 Attention always goes through ``attention()`` (``F.scaled_dot_product_attention``:
-fused/flash kernels where the backend has them; short fp32 CPU sequences, where the flash
-kernel is slow, as matmuls around a softmax: ``harness.metrics.cpu_attention``).  FLOP
+fused/flash kernels where the backend has them; on AMD CPUs, short fp32 sequences, where
+the flash kernel was slow there, as matmuls around a softmax: ``harness.metrics.cpu_attention``).  FLOP
 counting traces SDPA, which ``harness.metrics.flops`` counts, so attention FLOPs are never
 silently dropped.
+
+An MLP whose activation is the tanh-GELU (DiT, ViViT) adds fc1's bias inside the fused
+GELU's pass rather than in the GEMM (``linear_gelu_tanh``) where fc1 runs on torch's GEMM.
 
 Every projection is a ``Linear`` (an ``nn.Linear``: same parameters, init and state
 dict) whose fp32 CPU matmuls, forward and backward, run on the library that
@@ -265,6 +268,8 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.act) is TanhGELU:  # fc1's bias goes into the GELU's pass where it can
+            return self.fc2(linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -289,11 +294,21 @@ def gelu_tanh_grad_formula(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _GELU_KERNELS: dict = {}
 
 
+def gelu_tanh_bias_formula(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(y + bias): a Linear's bias added in the activation's pass (y: (M, N), bias: (N,))."""
+    return gelu_tanh_formula(y + bias)
+
+
+def gelu_tanh_bias_grad_formula(g: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """g * gelu_tanh'(y + bias): the gradient with respect to y (and, summed over rows, the bias)."""
+    return gelu_tanh_grad_formula(g, y + bias)
+
+
 def fused_gelu_tanh_kernels():
     """(forward, backward): the two formulas compiled by inductor into one pass each over a
     flat tensor of any length (``dynamic=True``: one compile per process, cached on disk by
     inductor).  The first call compiles both, so a failure shows here, not mid-backward."""
-    if not _GELU_KERNELS:
+    if "fwd" not in _GELU_KERNELS:
         fwd = torch.compile(gelu_tanh_formula, dynamic=True, fullgraph=True)
         bwd = torch.compile(gelu_tanh_grad_formula, dynamic=True, fullgraph=True)
         x = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL)
@@ -301,6 +316,19 @@ def fused_gelu_tanh_kernels():
             fwd(x), bwd(x, x)
         _GELU_KERNELS.update(fwd=fwd, bwd=bwd)
     return _GELU_KERNELS["fwd"], _GELU_KERNELS["bwd"]
+
+
+def fused_gelu_tanh_bias_kernels():
+    """(forward, backward) of ``gelu_tanh_bias_formula`` over (M, N) rows and an (N,) bias,
+    compiled as ``fused_gelu_tanh_kernels`` are (both at the first call)."""
+    if "bias_fwd" not in _GELU_KERNELS:
+        fwd = torch.compile(gelu_tanh_bias_formula, dynamic=True, fullgraph=True)
+        bwd = torch.compile(gelu_tanh_bias_grad_formula, dynamic=True, fullgraph=True)
+        y, b = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL).view(-1, 64), torch.zeros(64)
+        with torch.no_grad():
+            fwd(y, b), bwd(y, y, b)
+        _GELU_KERNELS.update(bias_fwd=fwd, bias_bwd=bwd)
+    return _GELU_KERNELS["bias_fwd"], _GELU_KERNELS["bias_bwd"]
 
 
 class _FusedGeluTanh(torch.autograd.Function):
@@ -315,10 +343,39 @@ class _FusedGeluTanh(torch.autograd.Function):
         return _GELU_KERNELS["bwd"](g.reshape(-1), x.reshape(-1)).view(x.shape)
 
 
-def _use_fused_gelu(x: torch.Tensor) -> bool:
+class _FusedGeluTanhBias(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bias: torch.Tensor):
+        ctx.save_for_backward(y, bias)
+        return _GELU_KERNELS["bias_fwd"](y, bias)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        y, bias = ctx.saved_tensors
+        gy = _GELU_KERNELS["bias_bwd"](g.reshape(y.shape), y, bias)
+        return gy, (gy.sum(0) if ctx.needs_input_grad[1] else None)
+
+
+def _use_fused_gelu(x: torch.Tensor, numel: int | None = None) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() >= cpu_gelu.FUSED_MIN_NUMEL and cpu_gelu.path() == "fused"
+            and (x.numel() if numel is None else numel) >= cpu_gelu.FUSED_MIN_NUMEL
+            and cpu_gelu.path() == "fused"
             and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+
+
+def _fused_gelu_ready(kernels=None) -> bool:
+    """Compile the fused kernels on first use (``kernels``: the function that does, by default
+    ``fused_gelu_tanh_kernels``); if that fails, warn once and take torch's kernel from then
+    on (e.g. a C++ toolchain inductor cannot build with)."""
+    try:
+        (kernels or fused_gelu_tanh_kernels)()
+    except Exception as e:
+        import warnings
+        cpu_gelu.set_path("aten")
+        warnings.warn(f"fused tanh-GELU could not be compiled ({type(e).__name__}: {e}); "
+                      f"using torch's kernel (set {cpu_gelu.ENV}=aten to skip the attempt)")
+        return False
+    return True
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -327,17 +384,29 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     own CPU kernel evaluates tanh slowly; see that module)."""
     if torch.compiler.is_compiling():
         return gelu_tanh_formula(x)  # inside a compiled model inductor fuses it with the rest
-    if not _use_fused_gelu(x):
-        return F.gelu(x, approximate="tanh")
-    try:
-        fused_gelu_tanh_kernels()
-    except Exception as e:  # e.g. a C++ toolchain inductor cannot build with: fall back, once
-        import warnings
-        cpu_gelu.set_path("aten")
-        warnings.warn(f"fused tanh-GELU could not be compiled ({type(e).__name__}: {e}); "
-                      f"using torch's kernel (set {cpu_gelu.ENV}=aten to skip the attempt)")
+    if not _use_fused_gelu(x) or not _fused_gelu_ready():
         return F.gelu(x, approximate="tanh")
     return _FusedGeluTanh.apply(x)
+
+
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu_tanh(linear(x, weight, bias))``: an MLP's first layer and its activation.
+
+    On the fused GELU path, where the Linear is torch's (MKL) GEMM, the GEMM runs without
+    its bias (``torch.mm``) and the bias is added inside the GELU's one pass, forward and
+    backward (its gradient is the usual sum over rows).  ``addmm`` would first copy the bias
+    into every row of its output and then accumulate onto it: one more pass over the
+    block's widest activation, which a GEMM of this size does not hide (docs/speed.md).
+    oneDNN's Linears add their bias inside the GEMM already, so they keep it."""
+    n = weight.shape[0]
+    if (bias is None or torch.compiler.is_compiling() or _cpu_autocast()
+            or not _use_fused_gelu(x, x.numel() // max(x.shape[-1], 1) * n)
+            or weight.dtype != torch.float32 or bias.dtype != torch.float32
+            or _use_onednn(x, weight) or not _fused_gelu_ready(fused_gelu_tanh_bias_kernels)):
+        return gelu_tanh(linear(x, weight, bias))
+    y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t())  # (M, N), no bias
+    return _FusedGeluTanhBias.apply(y, bias).view(*x.shape[:-1], n)
 
 
 class TanhGELU(nn.GELU):
