@@ -345,6 +345,31 @@ def test_mlp_adds_fc1s_bias_inside_the_fused_gelu(gelu_path):
 
 
 @needs_fused_gelu
+def test_fused_bias_gelu_compiles_once_for_every_width(gelu_path, monkeypatch):
+    """One compile serves every hidden width, with and without grad: a kernel that
+    specialised on the width (a Parameter's shape) or on requires_grad would recompile per
+    model, and past dynamo's recompile limit fail outright (fullgraph=True)."""
+    gelu_path("fused")
+    old = cpu_matmul.set_path("aten")
+    try:
+        common.fused_gelu_tanh_bias_kernels()
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+        for hidden in (256, 320, 384, 448, 512, 1040):
+            mlp = common.Mlp(64, hidden, act=common.tanh_gelu)
+            x = torch.randn(4, 300, 64, requires_grad=True)
+            y = mlp(x)
+            assert "_FusedGeluTanhBiasBackward" in _grad_fn_names(y)
+            y.square().mean().backward()
+            assert mlp.fc1.bias.grad is not None
+            with torch.inference_mode():
+                mlp(x)
+            with torch.no_grad():
+                mlp(x)
+    finally:
+        cpu_matmul.set_path(old)
+
+
+@needs_fused_gelu
 @needs_onednn
 def test_mlp_leaves_fc1s_bias_to_onednn(gelu_path, onednn_path):
     """oneDNN's Linears add the bias inside the GEMM: there fc1 keeps it, and the GELU is

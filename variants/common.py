@@ -344,15 +344,17 @@ class _FusedGeluTanh(torch.autograd.Function):
 
 
 class _FusedGeluTanhBias(torch.autograd.Function):
+    # The kernels get plain detached tensors: a Parameter's shape would be compiled in as a
+    # constant (one recompile per hidden width), and requires_grad is guarded on too.
     @staticmethod
     def forward(ctx, y: torch.Tensor, bias: torch.Tensor):
         ctx.save_for_backward(y, bias)
-        return _GELU_KERNELS["bias_fwd"](y, bias)
+        return _GELU_KERNELS["bias_fwd"](y.detach(), bias.detach())
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         y, bias = ctx.saved_tensors
-        gy = _GELU_KERNELS["bias_bwd"](g.reshape(y.shape), y, bias)
+        gy = _GELU_KERNELS["bias_bwd"](g.detach().reshape(y.shape), y.detach(), bias.detach())
         return gy, (gy.sum(0) if ctx.needs_input_grad[1] else None)
 
 
