@@ -221,13 +221,16 @@ class Run:
 
 
 def terminate_run(client, run_id: str, status: str, reason: str) -> None:
-    """End a run left RUNNING by a dead worker (KILLED/FAILED), recording why."""
+    """End the run of a trial that Optuna has just failed as dead (KILLED/FAILED), recording
+    why.  A run the worker had already closed FINISHED gets the same status: the worker died
+    between closing its run and Optuna recording the trial complete, so Optuna re-runs the
+    point and this run is not a result (the two stores agree on that)."""
     try:
         run = client.get_run(run_id)
     except Exception as e:  # the run is gone: nothing to close, but say so
         print(f"harness: could not close MLflow run {run_id}: {e}", file=sys.stderr)
         return
-    if run.info.status == "RUNNING":
+    if run.info.status in ("RUNNING", "FINISHED"):
         client.set_tag(run_id, "fail_reason", reason)
         client.set_terminated(run_id, status)
 

@@ -73,6 +73,25 @@ def test_same_seed_same_numbers(shared_runs):
     assert a["m.accuracy"] == b["m.accuracy"] and a["m.train_loss"] == b["m.train_loss"]
 
 
+def test_a_dead_trials_finished_run_is_marked_killed(tmp_path):
+    """A worker killed after closing its MLflow run FINISHED but before Optuna recorded the
+    trial: Optuna fails the trial and re-runs the point, so the run is marked too."""
+    from harness.tracking import Tracker, default_tracking_uri, terminate_run
+    tracker = Tracker(default_tracking_uri(tmp_path), "dead", tmp_path)
+    client = tracker.client
+    done = client.create_run(tracker.experiment_id).info.run_id
+    client.set_terminated(done, "FINISHED")
+    running = client.create_run(tracker.experiment_id).info.run_id
+    failed = client.create_run(tracker.experiment_id).info.run_id
+    client.set_terminated(failed, "FAILED")
+    for run_id in (done, running, failed):
+        terminate_run(client, run_id, "KILLED", "worker process 1 died mid-trial")
+    for run_id, status in ((done, "KILLED"), (running, "KILLED"), (failed, "FAILED")):
+        run = client.get_run(run_id)
+        assert run.info.status == status
+        assert ("fail_reason" in run.data.tags) == (status == "KILLED")
+
+
 def test_killed_run_completes_only_missing_cells(shared_runs):
     p = write_study(shared_runs / "kill.yaml", name="kill", steps=60, eval_every=30, repeats=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
