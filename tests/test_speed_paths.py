@@ -345,7 +345,7 @@ def test_mlp_adds_fc1s_bias_inside_the_fused_gelu(gelu_path):
 
 
 @needs_fused_gelu
-def test_fused_bias_gelu_compiles_once_for_every_width(gelu_path, monkeypatch):
+def test_fused_bias_gelu_compiles_once_for_every_width(gelu_path):
     """One compile serves every hidden width, with and without grad: a kernel that
     specialised on the width (a Parameter's shape) or on requires_grad would recompile per
     model, and past dynamo's recompile limit fail outright (fullgraph=True)."""
@@ -353,20 +353,24 @@ def test_fused_bias_gelu_compiles_once_for_every_width(gelu_path, monkeypatch):
     old = cpu_matmul.set_path("aten")
     try:
         common.fused_gelu_tanh_bias_kernels()
-        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-        for hidden in (256, 320, 384, 448, 512, 1040):
-            mlp = common.Mlp(64, hidden, act=common.tanh_gelu)
-            x = torch.randn(4, 300, 64, requires_grad=True)
-            y = mlp(x)
-            assert "_FusedGeluTanhBiasBackward" in _grad_fn_names(y)
-            y.square().mean().backward()
-            assert mlp.fc1.bias.grad is not None
-            with torch.inference_mode():
-                mlp(x)
-            with torch.no_grad():
-                mlp(x)
+        with torch._dynamo.config.patch(recompile_limit=2):  # restored after, unlike setattr
+            _mlps_of_six_widths()
     finally:
         cpu_matmul.set_path(old)
+
+
+def _mlps_of_six_widths():
+    for hidden in (256, 320, 384, 448, 512, 1040):
+        mlp = common.Mlp(64, hidden, act=common.tanh_gelu)
+        x = torch.randn(4, 300, 64, requires_grad=True)
+        y = mlp(x)
+        assert "_FusedGeluTanhBiasBackward" in _grad_fn_names(y)
+        y.square().mean().backward()
+        assert mlp.fc1.bias.grad is not None
+        with torch.inference_mode():
+            mlp(x)
+        with torch.no_grad():
+            mlp(x)
 
 
 @needs_fused_gelu
@@ -503,6 +507,24 @@ def test_attention_takes_the_matmul_path_only_for_short_fp32_cpu_calls(attn_path
     assert cpu_attention.path() == "matmul"
     attn_path("sdpa")
     assert _sdpa_calls(lambda: common.attention(*short)) > 0
+
+
+def test_heads_of_gives_the_permuted_views_and_one_pass_backward():
+    """heads_of: the views permute(2, 0, 3, 1, 4).unbind(0) gives (same values, strides and
+    storage), and a backward whose gradient is the same, without the copy back."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 3 * 4 * 8, requires_grad=True)
+    packed = qkv.view(2, 5, 3, 4, 8)
+    new, old = common.heads_of(packed), packed.permute(2, 0, 3, 1, 4).unbind(0)
+    for a, b in zip(new, old):
+        assert a.shape == b.shape == (2, 4, 5, 8) and a.stride() == b.stride()
+        assert a.data_ptr() == b.data_ptr()
+    gs = [torch.randn(2, 4, 5, 8) for _ in range(3)]
+    (g_new,) = torch.autograd.grad(new, qkv, gs)
+    (g_old,) = torch.autograd.grad(old, qkv, gs)
+    assert torch.equal(g_new, g_old)
+    names = _grad_fn_names(new[0])
+    assert "UnbindBackward0" in names and "PermuteBackward0" not in names
 
 
 def test_flop_counting_traces_sdpa_on_the_matmul_path(attn_path):

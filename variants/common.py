@@ -213,6 +213,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def heads_of(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, N, P, H, Dh) packed projections (q|k|v, or k|v) -> P views of (B, H, N, Dh).
+
+    The same views as ``packed.permute(2, 0, 3, 1, 4).unbind(0)``, but unbound along P in
+    place: the backward then stacks the gradients straight into the projection's layout,
+    one pass, where the permuted form stacks them and then copies them back."""
+    return tuple(t.transpose(1, 2) for t in packed.unbind(2))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, fused qkv projection (as in timm / DiT)."""
 
@@ -227,7 +236,7 @@ class Attention(nn.Module):
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+        q, k, v = heads_of(qkv)  # 3 x (B, H, N, Dh)
         return q, k, v
 
     def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
@@ -255,7 +264,7 @@ class CrossAttention(nn.Module):
         M = context.shape[1]
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
         kv = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, M, Dh)
+        k, v = heads_of(kv)  # 2 x (B, H, M, Dh)
         o = attention(q, k, v)  # (B, H, N, Dh)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 

@@ -36,7 +36,7 @@ from harness.data.varres import sample_sizes
 from harness.errors import ConfigError
 from harness.registry import Variant, register
 
-from .common import Attention, Block, Mlp, attention
+from .common import Attention, Block, Mlp, attention, heads_of
 
 Batching = Literal["pack", "pad", "resize"]
 Packing = Literal["first_fit", "next_fit"]
@@ -457,7 +457,7 @@ class PackedAttention(Attention):
         for b, g in zip(ctx.buckets, parts):
             if b.gather is not None:
                 g = g.index_select(0, b.gather)  # (m*n, 3C)
-            q, k, v = g.view(b.m, b.n, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (m, H, n, Dh)
+            q, k, v = heads_of(g.view(b.m, b.n, 3, H, Dh))  # 3 x (m, H, n, Dh)
             o = attention(q, k, v, b.mask).transpose(1, 2).reshape(b.m * b.n, C)  # (m*n, C)
             outs.append(o if b.scatter is None else o.index_select(0, b.scatter))  # (rows, C)
         if ctx.tail:
@@ -524,7 +524,7 @@ class PoolHead(nn.Module):
             return torch.einsum("bkl,bld->bkd", w, x)  # (B, K, D)
         H, Dh = self.num_heads, D // self.num_heads
         q = self.q(self.probe).view(1, H, 1, Dh).expand(B, H, K, Dh)  # (B, H, K, Dh)
-        k, v = self.kv(x).view(B, L, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, L, Dh)
+        k, v = heads_of(self.kv(x).view(B, L, 2, H, Dh))  # 2 x (B, H, L, Dh)
         mask = None
         if member is not None:  # empty slots (a row with fewer images) attend everywhere, unused
             mask = torch.logical_or(member, ~member.any(-1, keepdim=True))[:, None]  # (B, 1, K, L)
@@ -542,7 +542,7 @@ class PoolHead(nn.Module):
         q = self.q(self.probe).view(1, H, 1, Dh)
         outs = []
         for (n, m), g in zip(groups, self.kv(x).split(sizes)):
-            k, v = g.view(m, n, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (m, H, n, Dh)
+            k, v = heads_of(g.view(m, n, 2, H, Dh))  # 2 x (m, H, n, Dh)
             outs.append(attention(q.expand(m, H, 1, Dh), k, v).reshape(m, D))  # (m, D)
         o = self.proj(torch.cat(outs))  # (N, D)
         return o + self.mlp(self.norm(o))

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from variants.common import matmul_attention
+    from variants.common import heads_of, matmul_attention
 
     from .speed import median_seconds
     p = argparse.ArgumentParser(prog="python -m harness.metrics.cpu_attention",
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             g = torch.randn(b, n, H * Dh, generator=gen)
 
             def call(fn):
-                q, k, v = qkv.view(b, n, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+                q, k, v = heads_of(qkv.view(b, n, 3, H, Dh))
                 return fn(q, k, v).transpose(1, 2).reshape(b, n, H * Dh)
         else:
             q, k, v = (torch.randn(b, H, n, Dh, generator=gen).requires_grad_() for _ in range(3))
