@@ -313,57 +313,61 @@ def gelu_tanh_bias_grad_formula(g: torch.Tensor, y: torch.Tensor, bias: torch.Te
     return gelu_tanh_grad_formula(g, y + bias)
 
 
-def fused_gelu_tanh_kernels():
-    """(forward, backward): the two formulas compiled by inductor into one pass each over a
-    flat tensor of any length (``dynamic=True``: one compile per process, cached on disk by
-    inductor).  The first call compiles both, so a failure shows here, not mid-backward."""
-    if "fwd" not in _GELU_KERNELS:
-        fwd = torch.compile(gelu_tanh_formula, dynamic=True, fullgraph=True)
-        bwd = torch.compile(gelu_tanh_grad_formula, dynamic=True, fullgraph=True)
-        x = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL)
+def _compiled_pair(key: str, fwd_formula, bwd_formula, fwd_args: tuple, bwd_args: tuple):
+    """(forward, backward) formulas compiled by inductor (``dynamic=True``: one compile per
+    process, cached on disk by inductor), run once each on the given arguments at the first
+    call, so a failure shows here, not mid-backward; kept under ``key``."""
+    if key not in _GELU_KERNELS:
+        fwd = torch.compile(fwd_formula, dynamic=True, fullgraph=True)
+        bwd = torch.compile(bwd_formula, dynamic=True, fullgraph=True)
         with torch.no_grad():  # as inside an autograd.Function
-            fwd(x), bwd(x, x)
-        _GELU_KERNELS.update(fwd=fwd, bwd=bwd)
-    return _GELU_KERNELS["fwd"], _GELU_KERNELS["bwd"]
+            fwd(*fwd_args), bwd(*bwd_args)
+        _GELU_KERNELS[key] = (fwd, bwd)
+    return _GELU_KERNELS[key]
+
+
+def fused_gelu_tanh_kernels():
+    """(forward, backward) of the tanh-GELU, one pass each over a flat tensor of any length."""
+    x = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL)
+    return _compiled_pair("plain", gelu_tanh_formula, gelu_tanh_grad_formula, (x,), (x, x))
 
 
 def fused_gelu_tanh_bias_kernels():
-    """(forward, backward) of ``gelu_tanh_bias_formula`` over (M, N) rows and an (N,) bias,
-    compiled as ``fused_gelu_tanh_kernels`` are (both at the first call)."""
-    if "bias_fwd" not in _GELU_KERNELS:
-        fwd = torch.compile(gelu_tanh_bias_formula, dynamic=True, fullgraph=True)
-        bwd = torch.compile(gelu_tanh_bias_grad_formula, dynamic=True, fullgraph=True)
-        y, b = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL).view(-1, 64), torch.zeros(64)
-        with torch.no_grad():
-            fwd(y, b), bwd(y, y, b)
-        _GELU_KERNELS.update(bias_fwd=fwd, bias_bwd=bwd)
-    return _GELU_KERNELS["bias_fwd"], _GELU_KERNELS["bias_bwd"]
+    """(forward, backward) of ``gelu_tanh_bias_formula`` over (M, N) rows and an (N,) bias."""
+    y, b = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL).view(-1, 64), torch.zeros(64)
+    return _compiled_pair("bias", gelu_tanh_bias_formula, gelu_tanh_bias_grad_formula,
+                          (y, b), (y, y, b))
 
+
+# The compiled kernels get plain detached tensors: a Parameter's shape would be compiled in as
+# a constant (one recompile per hidden width), and requires_grad is guarded on too.
 
 class _FusedGeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor):
         ctx.save_for_backward(x)
-        return _GELU_KERNELS["fwd"](x.reshape(-1)).view(x.shape)
+        fwd, _ = _GELU_KERNELS["plain"]
+        return fwd(x.detach().reshape(-1)).view(x.shape)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return _GELU_KERNELS["bwd"](g.reshape(-1), x.reshape(-1)).view(x.shape)
+        _, bwd = _GELU_KERNELS["plain"]
+        return bwd(g.detach().reshape(-1), x.detach().reshape(-1)).view(x.shape)
 
 
 class _FusedGeluTanhBias(torch.autograd.Function):
-    # The kernels get plain detached tensors: a Parameter's shape would be compiled in as a
-    # constant (one recompile per hidden width), and requires_grad is guarded on too.
     @staticmethod
     def forward(ctx, y: torch.Tensor, bias: torch.Tensor):
         ctx.save_for_backward(y, bias)
-        return _GELU_KERNELS["bias_fwd"](y.detach(), bias.detach())
+        fwd, _ = _GELU_KERNELS["bias"]
+        return fwd(y.detach(), bias.detach())
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         y, bias = ctx.saved_tensors
-        gy = _GELU_KERNELS["bias_bwd"](g.detach().reshape(y.shape), y.detach(), bias.detach())
+        _, bwd = _GELU_KERNELS["bias"]
+        gy = bwd(g.detach().reshape(y.shape), y.detach(), bias.detach())
         return gy, (gy.sum(0) if ctx.needs_input_grad[1] else None)
 
 

@@ -70,11 +70,10 @@ MATMUL_MAX_KEYS = 48    # measured crossover: the matmul path wins forward and b
 MATMUL_MIN_ROWS = 4096  # query rows (batch x heads x queries): on smaller calls its extra ops cost more
 
 
-
 def _rule() -> str:
     """``sdpa`` on Intel CPUs, ``matmul`` elsewhere (the measurements above)."""
-    from .cpu_matmul import cpu_vendor
-    return "sdpa" if cpu_vendor() == "GenuineIntel" else "matmul"
+    from . import cpu_matmul
+    return "sdpa" if cpu_matmul.intel() else "matmul"
 
 
 _choice = KernelChoice(ENV, "CPU attention path", CHOICES, _rule, lambda name: None)

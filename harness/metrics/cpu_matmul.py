@@ -93,6 +93,11 @@ def x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def intel() -> bool:
+    """Whether this CPU is Intel's (``/proc/cpuinfo``'s vendor_id)."""
+    return cpu_vendor() == "GenuineIntel"
+
+
 def _rule() -> str:
     from . import cpu_mkl
     if cpu_mkl.mode() == "avx512":

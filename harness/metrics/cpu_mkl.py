@@ -78,10 +78,6 @@ def cache_dir() -> Path:
     return Path(base) / "sora-harness"
 
 
-def _intel() -> bool:
-    return cpu_matmul.cpu_vendor() == "GenuineIntel"
-
-
 def _not_here() -> str | None:
     """Why ``avx512`` cannot work on this machine at all (None: it can)."""
     if not sys.platform.startswith("linux") or not cpu_matmul.x86():
@@ -132,7 +128,7 @@ def preload() -> None:
     if requested() not in ("auto", "avx512"):
         return
     why = _not_here()
-    if why is None and _intel():
+    if why is None and cpu_matmul.intel():
         return  # MKL's own dispatch already runs its Intel code here
     if why is None and "torch" in sys.modules:
         why = ("torch was imported before harness, too late to change MKL's dispatch; "
@@ -185,6 +181,7 @@ def check() -> str:
     if want not in CHOICES:
         raise ConfigError(f"{ENV}={os.environ[ENV]!r}: must be one of {', '.join(CHOICES)}")
     preload()  # a no-op if harness/__init__ already ran it
-    if want == "avx512" and not _intel() and why_not():
-        raise ConfigError(f"{ENV}=avx512: {why_not()}; use {ENV}=auto or vendor")
+    why = why_not() if want == "avx512" and not cpu_matmul.intel() else None
+    if why:
+        raise ConfigError(f"{ENV}=avx512: {why}; use {ENV}=auto or vendor")
     return mode()
