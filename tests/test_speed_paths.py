@@ -414,6 +414,25 @@ def test_fused_gelu_falls_back_to_torch_once_if_it_cannot_compile(gelu_path, mon
     assert cpu_gelu.path() == "aten"
 
 
+@needs_fused_gelu
+def test_cpu_gelu_mlp_benchmark_runs_both_mlps_and_rejects_bad_input(gelu_path, capsys):
+    """``python -m harness.metrics.cpu_gelu --mlp``: both arms agree and are timed; bad
+    sizes, or a GELU path without the bias kernel, stop it before any timing."""
+    gelu_path("fused")
+    assert cpu_gelu.main(["--mlp", "64", "256", "--rows", "1024", "--pairs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("paired") == 3 and "forward+backward" in out  # header + two rows
+    diff = float(out.rsplit("forward: ", 1)[1].split()[0])
+    assert diff < 1e-4
+    assert cpu_gelu.main(["--mlp", "64", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+    assert cpu_gelu.main(["--mlp", "64", "256", "--rows", "8"]) == 2  # too small to fuse
+    assert "both arms are the same" in capsys.readouterr().err
+    gelu_path("aten")
+    assert cpu_gelu.main(["--mlp", "64", "256"]) == 2
+    assert "runs only on the fused path" in capsys.readouterr().err
+
+
 def _cli_smoke_run_with(env_var: str, value: str, tmp_path) -> subprocess.CompletedProcess:
     """``harness run`` of the smoke study with ``env_var=value``."""
     return subprocess.run([sys.executable, "-m", "harness.cli", "run", "studies/vit_digits.yaml",
