@@ -47,7 +47,9 @@ sdpa / matmul in ms, 6 heads of 64, 4096 query tokens per head:
 and on whole ViViT-S steps against vit-pytorch (3 processes x 9 rounds), SDPA moved Model 3
 from 0.96 to 1.01 (train) and 0.98 to 1.01 (inference), Model 2 from 0.97 to 0.99 and 1.02
 to 1.04.  So on Intel CPUs the default is ``sdpa``.  On AMD the matmul path stays the
-default: it was measured there (above) and has not been re-measured with ``--layout views``.
+default: re-measured on a Zen 4 with ``--layout views`` (docs/speed.md, "Zen 4 again"), the
+forward favours SDPA from 16-24 keys up and forward+backward the matmul path at 8-17 keys, and
+whole ViViT models were equal within noise either way (in-process, SDPA 0.986-1.013x).
 
 Paths:
     sdpa    ``F.scaled_dot_product_attention`` for every call
