@@ -404,6 +404,17 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return _FusedGeluTanh.apply(x)
 
 
+def bias_in_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``linear_gelu_tanh(x, weight, bias)`` adds the bias inside the fused GELU's
+    pass (compiling its kernels on the first True)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return not (bias is None or torch.compiler.is_compiling() or _cpu_autocast()
+                or not _use_fused_gelu(x, rows * weight.shape[0])
+                or weight.dtype != torch.float32 or bias.dtype != torch.float32
+                or _use_onednn(x, weight)
+                or not _fused_gelu_ready(fused_gelu_tanh_bias_kernels))
+
+
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """``gelu_tanh(linear(x, weight, bias))``: an MLP's first layer and its activation.
@@ -415,10 +426,7 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor,
     block's widest activation, which a GEMM of this size does not hide (docs/speed.md).
     oneDNN's Linears add their bias inside the GEMM already, so they keep it."""
     n = weight.shape[0]
-    if (bias is None or torch.compiler.is_compiling() or _cpu_autocast()
-            or not _use_fused_gelu(x, x.numel() // max(x.shape[-1], 1) * n)
-            or weight.dtype != torch.float32 or bias.dtype != torch.float32
-            or _use_onednn(x, weight) or not _fused_gelu_ready(fused_gelu_tanh_bias_kernels)):
+    if not bias_in_gelu(x, weight, bias):
         return gelu_tanh(linear(x, weight, bias))
     y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t())  # (M, N), no bias
     return _FusedGeluTanhBias.apply(y, bias).view(*x.shape[:-1], n)

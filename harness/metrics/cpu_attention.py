@@ -48,7 +48,7 @@ and on whole ViViT-S steps against vit-pytorch (3 processes x 9 rounds), SDPA mo
 from 0.96 to 1.01 (train) and 0.98 to 1.01 (inference), Model 2 from 0.97 to 0.99 and 1.02
 to 1.04.  So on Intel CPUs the default is ``sdpa``.  On AMD the matmul path stays the
 default: re-measured on a Zen 4 with ``--layout views`` (docs/speed.md, "Zen 4 again"), the
-forward favours SDPA from 16-24 keys up and forward+backward the matmul path at 8-17 keys, and
+forward favours SDPA from 32 keys up and forward+backward the matmul path at 8-9 keys, and
 whole ViViT models were equal within noise either way (in-process, SDPA 0.986-1.013x).
 
 Paths:

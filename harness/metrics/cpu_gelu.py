@@ -116,7 +116,7 @@ def _mlp_bias(mlp: list[int], rows: list[int], pairs: int) -> int:
     import torch
     import torch.nn.functional as F
 
-    from variants.common import Mlp, TanhGELU, gelu_tanh
+    from variants.common import Mlp, TanhGELU, bias_in_gelu, gelu_tanh
 
     from . import cpu_matmul
     from .speed import alternate, paired_ratios
@@ -135,14 +135,7 @@ def _mlp_bias(mlp: list[int], rows: list[int], pairs: int) -> int:
     def addmm(x):  # the same MLP with fc1's bias added by the GEMM (addmm)
         return m.fc2(gelu_tanh(F.linear(x, m.fc1.weight, m.fc1.bias)))
 
-    probe = m(torch.randn(min(rows), dim, requires_grad=True)).grad_fn
-    seen, todo = set(), [probe]
-    while todo:  # the autograd graph's node names: is the bias-in-GELU kernel in it?
-        fn = todo.pop()
-        if fn is not None and fn not in seen:
-            seen.add(fn)
-            todo.extend(f for f, _ in fn.next_functions)
-    if not any(type(fn).__name__ == "_FusedGeluTanhBiasBackward" for fn in seen):
+    if not bias_in_gelu(torch.empty(min(rows), dim), m.fc1.weight, m.fc1.bias):
         print(f"error: fc1 does not add its bias in the GELU's pass here (Linear path "
               f"{cpu_matmul.path()!r}: oneDNN keeps the bias in its GEMM; or {min(rows)} rows x "
               f"{hidden} is under FUSED_MIN_NUMEL = {FUSED_MIN_NUMEL}), so both arms are the same",
