@@ -414,6 +414,76 @@ def test_fused_gelu_falls_back_to_torch_once_if_it_cannot_compile(gelu_path, mon
     assert cpu_gelu.path() == "aten"
 
 
+def _mlp_flops(rows: int, dim: int, hidden: int) -> int:
+    return 2 * rows * dim * hidden * 2 * 3  # two GEMMs, forward + input grad + weight grad
+
+
+@pytest.mark.parametrize("linear", ["aten", *cpu_matmul.ONEDNN_PATHS])
+def test_flop_counter_mode_sees_every_matmul_and_the_fast_paths_survive_it(linear, gelu_path,
+                                                                          monkeypatch):
+    """torch's FlopCounterMode (a Python dispatch mode) over the MLP, forward and backward,
+    on every Linear path and the fused GELU: every GEMM is counted (oneDNN's op was counted
+    as 0), nothing fails (compiled kernels refuse to run under a mode), the fused GELU is
+    not switched off for the rest of the process, and values and gradients are unchanged,
+    also with the mode entered only between the forward and the backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if linear != "aten" and not cpu_matmul.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    fused = cpu_gelu.fused_available()
+    gelu_path("fused" if fused else "aten")
+    monkeypatch.setattr(cpu_matmul, "ONEDNN_MIN_FEATURES", 1)
+    old = cpu_matmul.set_path(linear)
+    try:
+        torch.manual_seed(0)
+        mlp = common.Mlp(64, 256, act=common.tanh_gelu)
+        x = torch.randn(4, 300, 64, requires_grad=True)  # 307,200 hidden values: fused
+        params = [x, *mlp.parameters()]
+        g = torch.randn(4, 300, 64)
+
+        def backward(out):  # .backward: FlopCounterMode does not support autograd.grad
+            for p in params:
+                p.grad = None
+            out.backward(g)
+            return [p.grad for p in params]
+
+        y = mlp(x)  # the fast paths, first use outside any mode
+        grads = backward(y)
+        with FlopCounterMode(display=False) as counter:
+            y_seen = mlp(x)
+            grads_seen = backward(y_seen)
+        assert counter.get_total_flops() == _mlp_flops(1200, 64, 256)
+        y_late = mlp(x)  # forward on the fast paths, the mode entered only for the backward
+        with FlopCounterMode(display=False) as late:
+            grads_late = backward(y_late)
+        assert late.get_total_flops() == _mlp_flops(1200, 64, 256) * 2 // 3
+        for out in (y_seen, y_late):
+            torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)
+        for gs in (grads_seen, grads_late):
+            for a, b in zip(gs, grads):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert cpu_gelu.path() == ("fused" if fused else "aten")  # not switched off
+        if fused and linear == "aten":  # the fast path is still taken outside the mode
+            assert "_FusedGeluTanhBiasBackward" in _grad_fn_names(mlp(x))
+    finally:
+        cpu_matmul.set_path(old)
+
+
+@needs_fused_gelu
+def test_a_dispatch_mode_at_the_first_fused_call_does_not_switch_the_fused_gelu_off(gelu_path):
+    """The first fused call under a dispatch mode runs torch's ops and leaves the kernels to
+    compile at the first call outside it (it used to fail there and fall back for good)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    gelu_path("fused")
+    common._GELU_KERNELS.clear()  # as in a fresh process
+    x = torch.randn(cpu_gelu.FUSED_MIN_NUMEL)
+    with FlopCounterMode(display=False):
+        y = common.gelu_tanh(x)
+    assert cpu_gelu.path() == "fused" and not common._GELU_KERNELS
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"))
+    torch.testing.assert_close(common.gelu_tanh(x), y, rtol=1e-5, atol=1e-5)
+    assert "plain" in common._GELU_KERNELS
+
+
 @needs_fused_gelu
 def test_cpu_gelu_mlp_benchmark_runs_both_mlps_and_rejects_bad_input(gelu_path, capsys):
     """``python -m harness.metrics.cpu_gelu --mlp``: both arms agree and are timed; bad

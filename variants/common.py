@@ -23,6 +23,12 @@ every Linear takes ``F.linear``, as on Intel.  Under ``torch.compile`` the
 oneDNN matmuls are an opaque custom op (``harness::onednn_linear``) that inductor calls
 while fusing the element-wise work.  Tracing (FLOP counting), autocast, CUDA and other
 dtypes take ``F.linear`` unchanged.
+
+Under a Python dispatch mode (``torch.utils.flop_counter.FlopCounterMode``, a recorder,
+``torch.export``'s tracer) the fast paths step aside for torch's own ops (``F.linear``,
+``F.gelu``), which every mode understands: a mode cannot see inside oneDNN's
+``mkldnn._linear_pointwise`` (FlopCounterMode counted 0 FLOPs for it) and torch.compile'd
+kernels refuse to run under one (``watched``).
 """
 from __future__ import annotations
 
@@ -38,6 +44,10 @@ from harness.metrics import cpu_attention, cpu_gelu, cpu_matmul
 
 # ------------------------------------------------------------ linear layers
 
+def watched() -> bool:
+    """Whether a Python dispatch mode is active (FlopCounterMode, a recorder, a tracer): the
+    model then runs torch's own ops, which the mode sees and understands (module docstring)."""
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def _mm_onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,10 +95,13 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, gy: torch.Tensor):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
+        # a mode entered after the forward: torch's ops, in _mm_onednn's a @ b^T convention
+        mm = (lambda a, b: a @ b.t()) if watched() else None
         if ctx.needs_input_grad[0]:
-            gx = _input_grad(gy, weight)  # (M, K)
+            gx = _input_grad(gy, weight, mm=mm)  # (M, K)
         if ctx.needs_input_grad[1]:
-            gw = _weight_grad_mm(gy, x) if ctx.mm_wgrad else _weight_grad(gy, x)  # (N, K)
+            gw = (_weight_grad_mm(gy, x) if ctx.mm_wgrad or mm else
+                  _weight_grad(gy, x))  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(0)
         return gx, gw, gb
@@ -140,7 +153,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and min(weight.shape) >= cpu_matmul.ONEDNN_MIN_FEATURES
             and weight.dtype == torch.float32 and x.numel() > 0 and x.dim() >= 2
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-            and not _cpu_autocast()
+            and not _cpu_autocast() and not watched()
             and (_ONEDNN_OP is not None or not torch.compiler.is_compiling()))
 
 
@@ -339,6 +352,17 @@ def fused_gelu_tanh_bias_kernels():
                           (y, b), (y, y, b))
 
 
+_GELU_FORMULAS = {"plain": (gelu_tanh_formula, gelu_tanh_grad_formula),
+                  "bias": (gelu_tanh_bias_formula, gelu_tanh_bias_grad_formula)}
+
+
+def _gelu_kernels(key: str):
+    """The compiled (forward, backward) under ``key``; the same formulas run eagerly where a
+    dispatch mode was entered between a forward and its backward (compiled code refuses
+    to run under one)."""
+    return _GELU_FORMULAS[key] if watched() else _GELU_KERNELS[key]
+
+
 # The compiled kernels get plain detached tensors: a Parameter's shape would be compiled in as
 # a constant (one recompile per hidden width), and requires_grad is guarded on too.
 
@@ -346,13 +370,13 @@ class _FusedGeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor):
         ctx.save_for_backward(x)
-        fwd, _ = _GELU_KERNELS["plain"]
+        fwd, _ = _gelu_kernels("plain")
         return fwd(x.detach().reshape(-1)).view(x.shape)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (x,) = ctx.saved_tensors
-        _, bwd = _GELU_KERNELS["plain"]
+        _, bwd = _gelu_kernels("plain")
         return bwd(g.detach().reshape(-1), x.detach().reshape(-1)).view(x.shape)
 
 
@@ -360,13 +384,13 @@ class _FusedGeluTanhBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, bias: torch.Tensor):
         ctx.save_for_backward(y, bias)
-        fwd, _ = _GELU_KERNELS["bias"]
+        fwd, _ = _gelu_kernels("bias")
         return fwd(y.detach(), bias.detach())
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         y, bias = ctx.saved_tensors
-        _, bwd = _GELU_KERNELS["bias"]
+        _, bwd = _gelu_kernels("bias")
         gy = bwd(g.detach().reshape(y.shape), y.detach(), bias.detach())
         return gy, (gy.sum(0) if ctx.needs_input_grad[1] else None)
 
@@ -374,7 +398,7 @@ class _FusedGeluTanhBias(torch.autograd.Function):
 def _use_fused_gelu(x: torch.Tensor, numel: int | None = None) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32
             and (x.numel() if numel is None else numel) >= cpu_gelu.FUSED_MIN_NUMEL
-            and cpu_gelu.path() == "fused"
+            and cpu_gelu.path() == "fused" and not watched()
             and not torch.jit.is_tracing() and not torch.jit.is_scripting())
 
 
