@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl
+from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl, gemm_floor
 from .metrics.kernel_choice import kernel_env
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate, paired_ratios, set_threads
@@ -274,7 +274,25 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
             row[f"{who}_{mode}_step_ms_max"] = max(t) * 1e3
             row[f"{who}_{mode}_samples_per_s"] = batch / med
         row[f"{mode}_ratio"] = row[f"ours_{mode}_samples_per_s"] / row[f"theirs_{mode}_samples_per_s"]
+        if args.floor:
+            for who, model in (("ours", ours), ("theirs", theirs)):
+                row.update(floor_of(who, mode, model, inputs, labels, device))
     return row
+
+
+def floor_of(who: str, mode: str, model: nn.Module, inputs: tuple, labels: torch.Tensor,
+             device: torch.device) -> dict:
+    """``--floor``: the GEMM floor of one of ``who``'s steps (``harness.metrics.gemm_floor``),
+    after one unrecorded step, as ``<who>_<mode>_gemm_*`` keys."""
+    step = make_step(model, inputs, labels, mode == "train")
+    step()
+    f = gemm_floor.floor(step, device)
+    out = {f"{who}_{mode}_gemm_floor_ms": f["floor_s"] * 1e3,
+           f"{who}_{mode}_gemm_in_step_ms": f["in_step_s"] * 1e3,
+           f"{who}_{mode}_gemm_calls": f["calls"]}
+    if f["in_step_only"]:
+        out[f"{who}_{mode}_gemm_in_step_only"] = f["in_step_only"]
+    return out
 
 
 def hardware() -> dict:
@@ -453,12 +471,44 @@ def render_peer(r: dict) -> str:
                        row["infer_ratio_per_process"])
             lines.append(f"- {row['model']}: " + ", ".join(
                 f"{t:.3f} ({o:.0f} / {th:.0f}) / {i:.3f}" for t, o, th, i in each))
+    lines += render_floor(r["rows"])
     lines += ["", "Configurations (ours; theirs adjusted to the same design, see "
               "`harness/bench_peer.py` `match_vivit` / `match_navit`):", ""]
     for row in r["rows"]:
         lines.append(f"- {row['model']}: `{json.dumps(row['config'], sort_keys=True)}`")
     lines += ["", "Parameter counts are equal by construction and checked before timing.", ""]
     return "\n".join(lines)
+
+
+def render_floor(rows: list[dict]) -> list[str]:
+    """``--floor``'s table (nothing where the record has no floors)."""
+    have = [(row, mode) for row in rows for mode in ("train", "infer")
+            if f"ours_{mode}_gemm_floor_ms" in row]
+    if not have:
+        return []
+    lines = ["", "Where the step goes (`--floor`, `harness/metrics/gemm_floor.py`): every matrix "
+             "multiply of one step (mm, addmm, bmm, oneDNN linear, convolution), each re-run "
+             "alone on this machine, summed: the step's GEMM floor; other = median step - "
+             "floor (norms, activations, softmax and attention kernels, copies, the optimiser, "
+             "Python, and GEMMs slowed by what runs between them); ceiling = theirs' step / "
+             "ours' floor, the ratio ours would reach if it spent nothing outside its GEMMs.",
+             "", "| model | mode | ours step ms | ours GEMMs alone ms (calls) | ours other ms | "
+             "theirs step ms | theirs GEMMs alone ms (calls) | theirs other ms | ceiling |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row, mode in have:
+        cells = []
+        for who in ("ours", "theirs"):
+            step, fl = row[f"{who}_{mode}_step_ms_median"], row[f"{who}_{mode}_gemm_floor_ms"]
+            cells.append(f"{step:.1f} | {fl:.1f} ({row[f'{who}_{mode}_gemm_calls']:.0f}) | "
+                         f"{step - fl:.1f}")
+        ceiling = row[f"theirs_{mode}_step_ms_median"] / row[f"ours_{mode}_gemm_floor_ms"]
+        lines.append(f"| {row['model']} | {mode} | {cells[0]} | {cells[1]} | {ceiling:.2f} |")
+    skipped = [f"{who} {mode}: {x}" for row, mode in have for who in ("ours", "theirs")
+               for x in row.get(f"{who}_{mode}_gemm_in_step_only", [])]
+    if skipped:
+        lines += ["", "Counted by their time inside the step (could not be re-run alone):", ""]
+        lines += [f"- {x}" for x in skipped]
+    return lines
 
 
 # ------------------------------------------------------------------ engine overhead
@@ -589,6 +639,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", default="auto", choices=("auto", "matmul", "sdpa"),
                    help="our CPU attention path for short sequences (auto: "
                         "harness.metrics.cpu_attention's default)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure each step's GEMM floor, ours and theirs: every matmul "
+                        "of one step re-run alone (harness/metrics/gemm_floor.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.add_argument("--out", default=None, help="also write a Markdown report here and its JSON beside it")

@@ -362,6 +362,24 @@ def test_peer_report_from_several_processes(bp, tmp_path):
     assert len(row["ours_train_step_ms_median_per_process"]) == 2
 
 
+def test_peer_floor_measures_both_sides_gemms(bp, tmp_path):
+    """--floor: each side's GEMM floor per mode, the same matmul calls on both sides (one
+    design), and the table in the report."""
+    out = tmp_path / "peer" / "README.md"
+    assert bp.main(["--models", "m2", "--rounds", "1", "--warmup", "0", "--frames", "4",
+                    "--image-size", "16", "--tubelet", "2", "8", "8", "--dim", "32", "--heads", "2",
+                    "--depth", "1", "--temporal-depth", "1", "--classes", "5", "--batch-size", "2",
+                    "--attn", "sdpa", "--floor", "--out", str(out)]) == 0
+    (row,) = json.loads((out.parent / "results.json").read_text())["rows"]
+    for mode in ("train", "infer"):
+        for who in ("ours", "theirs"):
+            assert 0 < row[f"{who}_{mode}_gemm_floor_ms"]
+            assert f"{who}_{mode}_gemm_in_step_only" not in row
+        assert row[f"ours_{mode}_gemm_calls"] == row[f"theirs_{mode}_gemm_calls"] > 0
+    text = out.read_text()
+    assert "Where the step goes" in text and "| ViViT Model 2 | train |" in text
+
+
 def test_packing_study_reports_the_in_trial_ratio_beside_the_across_trial_one(tmp_path, shared_runs):
     """speed_packing's smoke profile end to end: the pack trial's paired speedup against its
     pad copy, over the ideal it logged for that copy, is what the ratio table shows."""

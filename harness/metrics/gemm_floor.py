@@ -1,0 +1,155 @@
+"""How much of a step is matrix multiplication: its GEMM floor.
+
+``floor(step)`` runs ``step`` once under ``torch.profiler`` (shapes, strides, dtypes and
+scalar arguments recorded), takes every matrix-multiply call in it (``GEMM_OPS``: the
+outermost one where they nest), and re-runs each distinct call alone, on fresh tensors
+of the same shapes, strides and dtype, with the same scalar arguments: the median of
+``repeats`` runs, times how often the step made it.  The sum is the time the step's
+GEMMs take when nothing else runs, on this machine's own GEMM libraries: the step cannot
+go faster than that without doing less multiplication.  The rest of a step (``step -
+floor``) is everything else: normalisation, activations, softmax and attention kernels
+(SDPA's fused kernels count here: their GEMMs are inside them), copies, the optimiser,
+Python, and what running between other kernels does to a GEMM's caches.
+
+Two implementations of the same model run the same GEMMs (``harness.bench_peer`` checks
+that: equal parameter counts, and ``--floor`` prints both floors), so the ratio of their
+step times is bounded by how far each is from its floor: ``theirs_step / ours_floor`` is
+the ratio ours would reach if it spent nothing outside its GEMMs.
+
+The floor is measured, not modelled: no FLOP rate is assumed.  Calls the profiler
+recorded with arguments that cannot be rebuilt (an unknown op, a string argument it did
+not keep) are counted by their time inside the step and listed in ``in_step_only``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from typing import Callable
+
+import torch
+
+# matrix-multiply ops, as the profiler names them; where one runs inside another (a
+# convolution's GEMM) only the outermost counts
+GEMM_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+    "mkldnn::_linear_pointwise", "aten::convolution", "aten::convolution_backward",
+})
+
+# arguments the profiler records without a value: the ones these ops take
+_FIXED_ARGS = {"mkldnn::_linear_pointwise": {3: "none", 5: ""}}  # attr, algorithm
+_DTYPES = {"float": torch.float32, "double": torch.float64, "c10::Half": torch.float16,
+           "c10::BFloat16": torch.bfloat16, "long int": torch.int64, "int": torch.int32}
+
+
+def _key(e) -> tuple:
+    return (e.name, _frozen(e.structured_input_shapes), _frozen(e.structured_input_strides),
+            tuple(e.input_dtypes), _frozen(e.concrete_inputs))
+
+
+def _frozen(v):
+    return tuple(_frozen(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _outermost(e) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name in GEMM_OPS:
+            return False
+        p = p.cpu_parent
+    return True
+
+
+def record(step: Callable[[], object], device: torch.device | str = "cpu") -> tuple[Counter, dict]:
+    """(calls, in-step seconds per call): the GEMM calls of one ``step()``, counted by key
+    (op, shapes, strides, dtypes, scalar arguments), and each key's summed time inside the
+    step as the profiler saw it."""
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    calls, in_step = Counter(), Counter()
+    for e in prof.events():
+        if e.name in GEMM_OPS and _outermost(e):
+            k = _key(e)
+            calls[k] += 1
+            dev_us = getattr(e, "device_time_total", 0) if device.type == "cuda" else 0
+            in_step[k] += (dev_us or e.cpu_time_total) * 1e-6
+    return calls, dict(in_step)
+
+
+def _args(key: tuple, device: torch.device) -> list:
+    """The call's arguments rebuilt: tensors of the recorded shape, strides and dtype
+    (random normal values), scalars and lists as recorded; ValueError where one cannot be."""
+    name, shapes, strides, dtypes, concrete = key
+    fixed = _FIXED_ARGS.get(name, {})
+    out = []
+    for i, dt in enumerate(dtypes):
+        if i in fixed:
+            out.append(fixed[i])
+        elif dt in _DTYPES:
+            storage = 1 + sum((n - 1) * s for n, s in zip(shapes[i], strides[i]) if n > 0)
+            base = torch.randn(storage, device=device).to(_DTYPES[dt])
+            out.append(base.as_strided(shapes[i], strides[i]))
+        elif dt in ("Scalar", "ScalarList"):
+            v = concrete[i]
+            out.append(list(v) if isinstance(v, tuple) else v)
+        elif dt == "":
+            out.append(None)  # an optional tensor left out (or a string: then the call fails)
+        else:
+            raise ValueError(f"{name}: argument {i} of type {dt!r} cannot be rebuilt")
+    return out
+
+
+def _call(name: str, args: list) -> Callable[[], object]:
+    """A call of op ``name`` on ``args`` as the profiler lists them (every argument in schema
+    order, keyword-only ones too): the overload whose schema takes that many, bound."""
+    ns, op = name.split("::")
+    packet = getattr(getattr(torch.ops, ns), op)
+    for overload in packet.overloads():
+        fn = getattr(packet, overload)
+        schema = fn._schema.arguments
+        if len(schema) == len(args):
+            pos = [a for a, s in zip(args, schema) if not s.kwarg_only]
+            kw = {s.name: a for a, s in zip(args, schema) if s.kwarg_only}
+            return lambda: fn(*pos, **kw)
+    raise ValueError(f"{name}: no overload takes {len(args)} arguments")
+
+
+def replay_seconds(key: tuple, device: torch.device, repeats: int = 7, warmup: int = 2) -> float:
+    """Median seconds of one call of ``key``, alone."""
+    fn = _call(key[0], _args(key, device))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def floor(step: Callable[[], object], device: torch.device | str = "cpu",
+          repeats: int = 7) -> dict:
+    """The GEMM floor of one ``step()`` (module docstring): ``floor_s`` (each distinct GEMM
+    call alone, times its count, summed), ``in_step_s`` (the same calls' time inside the
+    profiled step), ``calls`` and ``distinct``, and ``in_step_only`` (calls that could not
+    be re-run, counted in ``floor_s`` by their in-step time)."""
+    device = torch.device(device)
+    calls, in_step = record(step, device)
+    total, skipped = 0.0, []
+    for key, n in calls.items():
+        try:
+            total += n * replay_seconds(key, device, repeats)
+        except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+            total += in_step[key]
+            skipped.append(f"{n} x {key[0]} {list(key[1])}: {type(e).__name__}: {e}"[:300])
+    return {"floor_s": total, "in_step_s": sum(in_step.values()), "calls": sum(calls.values()),
+            "distinct": len(calls), "in_step_only": skipped}

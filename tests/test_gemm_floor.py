@@ -1,0 +1,84 @@
+"""harness.metrics.gemm_floor: a step's matrix multiplies, recorded and re-run alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.metrics import cpu_matmul, gemm_floor
+from variants import common
+
+
+def test_records_every_gemm_of_a_training_step_once_and_rebuilds_each():
+    """A two-layer MLP trained one step: 2 forward GEMMs (addmm), 4 backward (mm: input and
+    weight grads of each layer, the first layer's input grad included); a convolution
+    counts once (its inner GEMM is not counted again); keyword-only scalars (addmm's beta)
+    and transposed operands are rebuilt as recorded."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    w1, w2 = torch.randn(48, 32, requires_grad=True), torch.randn(16, 48, requires_grad=True)
+    b1, b2 = torch.zeros(48, requires_grad=True), torch.zeros(16, requires_grad=True)
+    im, k = torch.randn(2, 3, 16, 16), torch.randn(8, 3, 4, 4)
+    c = torch.randn(48)
+
+    def step():
+        F.linear(F.relu(F.linear(x, w1, b1)), w2, b2).sum().backward()
+        F.conv2d(im, k, stride=4)
+        torch.addmm(c, x.detach(), w1.detach().t(), beta=0.5)
+
+    calls, in_step = gemm_floor.record(step)
+    names = sorted(key[0] for key in calls.elements())
+    assert names == ["aten::addmm"] * 3 + ["aten::convolution"] + ["aten::mm"] * 4
+    assert set(in_step) == set(calls) and all(v > 0 for v in in_step.values())
+    beta = [key for key in calls if key[0] == "aten::addmm" and 0.5 in key[4]]
+    assert len(beta) == 1  # addmm's keyword-only beta, recorded as a scalar argument
+    for key in calls:  # each rebuilt with the recorded layout, and runs
+        assert gemm_floor.replay_seconds(key, torch.device("cpu"), repeats=1, warmup=0) > 0
+    f = gemm_floor.floor(step, repeats=2)
+    assert f["calls"] == 8 and f["distinct"] == len(calls) and f["in_step_only"] == []
+    assert f["floor_s"] > 0 and f["in_step_s"] > 0
+
+
+def test_rebuilt_arguments_keep_the_recorded_strides_and_scalars():
+    key = ("aten::addmm", ((4,), (3, 5), (5, 4), (), ()), ((1,), (5, 1), (1, 5), (), ()),
+           ("float", "float", "float", "Scalar", "Scalar"), (None, None, None, 0.5, 1))
+    args = gemm_floor._args(key, torch.device("cpu"))
+    assert [a.stride() for a in args[:3]] == [(1,), (5, 1), (1, 5)]  # the transposed operand too
+    assert [a.shape for a in args[:3]] == [(4,), (3, 5), (5, 4)] and args[3:] == [0.5, 1]
+    bad = ("aten::mm", ((2, 2), (2, 2)), ((2, 1), (2, 1)), ("float", "Device"), (None, None))
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        gemm_floor._args(bad, torch.device("cpu"))
+
+
+def test_a_step_without_matmuls_has_no_floor():
+    x = torch.randn(1000)
+    f = gemm_floor.floor(lambda: (x.exp() + 1).sum())
+    assert f == {"floor_s": 0.0, "in_step_s": 0.0, "calls": 0, "distinct": 0, "in_step_only": []}
+
+
+def test_a_call_that_cannot_be_rerun_counts_by_its_time_in_the_step(monkeypatch):
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+
+    def refuse(name, args):
+        raise ValueError(f"{name}: not here")
+    monkeypatch.setattr(gemm_floor, "_call", refuse)
+    f = gemm_floor.floor(lambda: (a @ b, a @ b))
+    assert f["calls"] == 2 and f["floor_s"] == pytest.approx(f["in_step_s"])
+    assert len(f["in_step_only"]) == 1 and f["in_step_only"][0].startswith("2 x aten::mm")
+
+
+@pytest.mark.skipif(not cpu_matmul.onednn_available(), reason="this torch build has no oneDNN linear")
+def test_onednn_linears_are_recorded_and_rerun(monkeypatch):
+    """oneDNN's linear (its string arguments are not recorded: the op's fixed ones are used)."""
+    monkeypatch.setattr(cpu_matmul, "ONEDNN_MIN_FEATURES", 1)
+    old = cpu_matmul.set_path("onednn")
+    try:
+        lin = common.Linear(32, 48)
+        x = torch.randn(64, 32, requires_grad=True)
+        step = lambda: lin(x).sum().backward()  # noqa: E731
+        calls, _ = gemm_floor.record(step)
+        f = gemm_floor.floor(step, repeats=2)
+    finally:
+        cpu_matmul.set_path(old)
+    assert {key[0] for key in calls} == {"mkldnn::_linear_pointwise"}
+    assert f["calls"] == 3 and f["in_step_only"] == [] and f["floor_s"] > 0
