@@ -275,23 +275,25 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
             row[f"{who}_{mode}_samples_per_s"] = batch / med
         row[f"{mode}_ratio"] = row[f"ours_{mode}_samples_per_s"] / row[f"theirs_{mode}_samples_per_s"]
         if args.floor:
-            for who, model in (("ours", ours), ("theirs", theirs)):
-                row.update(floor_of(who, mode, model, inputs, labels, device))
+            row.update(floors_of(mode, {"ours": ours, "theirs": theirs}, inputs, labels, device))
     return row
 
 
-def floor_of(who: str, mode: str, model: nn.Module, inputs: tuple, labels: torch.Tensor,
-             device: torch.device) -> dict:
-    """``--floor``: the GEMM floor of one of ``who``'s steps (``harness.metrics.gemm_floor``),
-    after one unrecorded step, as ``<who>_<mode>_gemm_*`` keys."""
-    step = make_step(model, inputs, labels, mode == "train")
-    step()
-    f = gemm_floor.floor(step, device)
-    out = {f"{who}_{mode}_gemm_floor_ms": f["floor_s"] * 1e3,
-           f"{who}_{mode}_gemm_in_step_ms": f["in_step_s"] * 1e3,
-           f"{who}_{mode}_gemm_calls": f["calls"]}
-    if f["in_step_only"]:
-        out[f"{who}_{mode}_gemm_in_step_only"] = f["in_step_only"]
+def floors_of(mode: str, arms: dict[str, nn.Module], inputs: tuple, labels: torch.Tensor,
+              device: torch.device) -> dict:
+    """``--floor``: the GEMM floor of one step of each arm (``harness.metrics.gemm_floor``;
+    a GEMM both make is timed once for both), after one unrecorded step each, as
+    ``<arm>_<mode>_gemm_*`` keys."""
+    steps = {who: make_step(m, inputs, labels, mode == "train") for who, m in arms.items()}
+    for step in steps.values():
+        step()
+    out = {}
+    for who, f in gemm_floor.floors(steps, device).items():
+        out.update({f"{who}_{mode}_gemm_floor_ms": f["floor_s"] * 1e3,
+                    f"{who}_{mode}_gemm_in_step_ms": f["in_step_s"] * 1e3,
+                    f"{who}_{mode}_gemm_calls": f["calls"]})
+        if f["in_step_only"]:
+            out[f"{who}_{mode}_gemm_in_step_only"] = f["in_step_only"]
     return out
 
 
@@ -488,21 +490,22 @@ def render_floor(rows: list[dict]) -> list[str]:
         return []
     lines = ["", "Where the step goes (`--floor`, `harness/metrics/gemm_floor.py`): every matrix "
              "multiply of one step (mm, addmm, bmm, oneDNN linear, convolution), each re-run "
-             "alone on this machine, summed: the step's GEMM floor; other = median step - "
-             "floor (norms, activations, softmax and attention kernels, copies, the optimiser, "
-             "Python, and GEMMs slowed by what runs between them); ceiling = theirs' step / "
-             "ours' floor, the ratio ours would reach if it spent nothing outside its GEMMs.",
-             "", "| model | mode | ours step ms | ours GEMMs alone ms (calls) | ours other ms | "
-             "theirs step ms | theirs GEMMs alone ms (calls) | theirs other ms | ceiling |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "alone on this machine (a call both sides make, once for both), summed: the "
+             "step's GEMM floor; in the step = the same calls' time inside one profiled step; "
+             "other = median step - GEMMs in the step (norms, activations, softmax and "
+             "attention kernels, copies, the optimiser, Python); ceiling = theirs' step / "
+             "ours' floor, the ratio ours would reach if it spent nothing outside its GEMMs "
+             "and they ran as fast as alone.",
+             "", "| model | mode | side | step ms | GEMMs alone ms (calls) | GEMMs in the step ms | "
+             "other ms | ceiling |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for row, mode in have:
-        cells = []
+        ceiling = row[f"theirs_{mode}_step_ms_median"] / row[f"ours_{mode}_gemm_floor_ms"]
         for who in ("ours", "theirs"):
             step, fl = row[f"{who}_{mode}_step_ms_median"], row[f"{who}_{mode}_gemm_floor_ms"]
-            cells.append(f"{step:.1f} | {fl:.1f} ({row[f'{who}_{mode}_gemm_calls']:.0f}) | "
-                         f"{step - fl:.1f}")
-        ceiling = row[f"theirs_{mode}_step_ms_median"] / row[f"ours_{mode}_gemm_floor_ms"]
-        lines.append(f"| {row['model']} | {mode} | {cells[0]} | {cells[1]} | {ceiling:.2f} |")
+            inside = row[f"{who}_{mode}_gemm_in_step_ms"]
+            lines.append(f"| {row['model']} | {mode} | {who} | {step:.1f} | {fl:.1f} "
+                         f"({row[f'{who}_{mode}_gemm_calls']:.0f}) | {inside:.1f} | "
+                         f"{step - inside:.1f} | {f'{ceiling:.2f}' if who == 'ours' else ''} |")
     skipped = [f"{who} {mode}: {x}" for row, mode in have for who in ("ours", "theirs")
                for x in row.get(f"{who}_{mode}_gemm_in_step_only", [])]
     if skipped:

@@ -82,3 +82,11 @@ def test_onednn_linears_are_recorded_and_rerun(monkeypatch):
         cpu_matmul.set_path(old)
     assert {key[0] for key in calls} == {"mkldnn::_linear_pointwise"}
     assert f["calls"] == 3 and f["in_step_only"] == [] and f["floor_s"] > 0
+
+
+def test_a_gemm_two_steps_share_is_timed_once_for_both():
+    a, b, c = torch.randn(96, 64), torch.randn(64, 80), torch.randn(80, 64)
+    f = gemm_floor.floors({"one": lambda: a @ b, "two": lambda: (a @ b, a @ b),
+                           "other": lambda: (a @ b, (a @ b) @ c)}, repeats=3)
+    assert f["two"]["floor_s"] == pytest.approx(2 * f["one"]["floor_s"])
+    assert f["other"]["floor_s"] > f["one"]["floor_s"] and f["other"]["distinct"] == 2

@@ -136,20 +136,40 @@ def replay_seconds(key: tuple, device: torch.device, repeats: int = 7, warmup: i
     return statistics.median(times)
 
 
+def floors(steps: dict[str, Callable[[], object]], device: torch.device | str = "cpu",
+           repeats: int = 7) -> dict[str, dict]:
+    """The GEMM floor of one step of each of ``steps`` (module docstring), by name:
+    ``floor_s`` (each distinct GEMM call alone, times its count, summed), ``in_step_s``
+    (the same calls' time inside the profiled step), ``calls`` and ``distinct``, and
+    ``in_step_only`` (calls that could not be re-run, counted in ``floor_s`` by their
+    in-step time).  A call that several steps make is re-run once and gives all of them
+    the same time, so two implementations of one design differ only where their GEMMs do."""
+    device = torch.device(device)
+    recorded = {name: record(step, device) for name, step in steps.items()}
+    alone: dict = {}
+    for calls, _ in recorded.values():
+        for key in calls:
+            if key not in alone:
+                try:
+                    alone[key] = replay_seconds(key, device, repeats)
+                except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+                    alone[key] = e
+    out = {}
+    for name, (calls, in_step) in recorded.items():
+        total, skipped = 0.0, []
+        for key, n in calls.items():
+            if isinstance(alone[key], Exception):
+                e = alone[key]
+                total += in_step[key]
+                skipped.append(f"{n} x {key[0]} {list(key[1])}: {type(e).__name__}: {e}"[:300])
+            else:
+                total += n * alone[key]
+        out[name] = {"floor_s": total, "in_step_s": sum(in_step.values()),
+                     "calls": sum(calls.values()), "distinct": len(calls), "in_step_only": skipped}
+    return out
+
+
 def floor(step: Callable[[], object], device: torch.device | str = "cpu",
           repeats: int = 7) -> dict:
-    """The GEMM floor of one ``step()`` (module docstring): ``floor_s`` (each distinct GEMM
-    call alone, times its count, summed), ``in_step_s`` (the same calls' time inside the
-    profiled step), ``calls`` and ``distinct``, and ``in_step_only`` (calls that could not
-    be re-run, counted in ``floor_s`` by their in-step time)."""
-    device = torch.device(device)
-    calls, in_step = record(step, device)
-    total, skipped = 0.0, []
-    for key, n in calls.items():
-        try:
-            total += n * replay_seconds(key, device, repeats)
-        except (ValueError, RuntimeError, TypeError, AttributeError) as e:
-            total += in_step[key]
-            skipped.append(f"{n} x {key[0]} {list(key[1])}: {type(e).__name__}: {e}"[:300])
-    return {"floor_s": total, "in_step_s": sum(in_step.values()), "calls": sum(calls.values()),
-            "distinct": len(calls), "in_step_only": skipped}
+    """``floors`` of one step."""
+    return floors({"step": step}, device, repeats)["step"]
