@@ -469,6 +469,28 @@ def test_flop_counter_mode_sees_every_matmul_and_the_fast_paths_survive_it(linea
 
 
 @needs_fused_gelu
+def test_a_warm_fused_mlp_step_builds_no_compile_probe(gelu_path):
+    """The compiled kernels are looked up at every call; the probe tensors that compile
+    them are built once, not at every call (each cost ~0.2 ms: a 1 MiB linspace)."""
+    from torch.profiler import ProfilerActivity, profile
+    gelu_path("fused")
+    old = cpu_matmul.set_path("aten")
+    try:
+        mlp = common.Mlp(64, 256, act=common.tanh_gelu)
+        x = torch.randn(4, 300, 64, requires_grad=True)
+        mlp(x).sum().backward()
+        common.gelu_tanh(torch.randn(cpu_gelu.FUSED_MIN_NUMEL)).sum()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = mlp(x)
+            y.sum().backward()
+            common.gelu_tanh(torch.randn(cpu_gelu.FUSED_MIN_NUMEL))
+        assert "_FusedGeluTanhBiasBackward" in _grad_fn_names(y)
+        assert not [e.name for e in prof.events() if e.name == "aten::linspace"]
+    finally:
+        cpu_matmul.set_path(old)
+
+
+@needs_fused_gelu
 def test_a_dispatch_mode_at_the_first_fused_call_does_not_switch_the_fused_gelu_off(gelu_path):
     """The first fused call under a dispatch mode runs torch's ops and leaves the kernels to
     compile at the first call outside it (it used to fail there and fall back for good)."""

@@ -341,15 +341,19 @@ def _compiled_pair(key: str, fwd_formula, bwd_formula, fwd_args: tuple, bwd_args
 
 def fused_gelu_tanh_kernels():
     """(forward, backward) of the tanh-GELU, one pass each over a flat tensor of any length."""
-    x = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL)
-    return _compiled_pair("plain", gelu_tanh_formula, gelu_tanh_grad_formula, (x,), (x, x))
+    if "plain" not in _GELU_KERNELS:  # asked at every call: build the probe only once
+        x = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL)
+        _compiled_pair("plain", gelu_tanh_formula, gelu_tanh_grad_formula, (x,), (x, x))
+    return _GELU_KERNELS["plain"]
 
 
 def fused_gelu_tanh_bias_kernels():
     """(forward, backward) of ``gelu_tanh_bias_formula`` over (M, N) rows and an (N,) bias."""
-    y, b = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL).view(-1, 64), torch.zeros(64)
-    return _compiled_pair("bias", gelu_tanh_bias_formula, gelu_tanh_bias_grad_formula,
-                          (y, b), (y, y, b))
+    if "bias" not in _GELU_KERNELS:
+        y, b = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL).view(-1, 64), torch.zeros(64)
+        _compiled_pair("bias", gelu_tanh_bias_formula, gelu_tanh_bias_grad_formula,
+                       (y, b), (y, y, b))
+    return _GELU_KERNELS["bias"]
 
 
 _GELU_FORMULAS = {"plain": (gelu_tanh_formula, gelu_tanh_grad_formula),
