@@ -140,7 +140,9 @@ def floors(steps: dict[str, Callable[[], object]], device: torch.device | str = 
            repeats: int = 7) -> dict[str, dict]:
     """The GEMM floor of one step of each of ``steps`` (module docstring), by name:
     ``floor_s`` (each distinct GEMM call alone, times its count, summed), ``in_step_s``
-    (the same calls' time inside the profiled step), ``calls`` and ``distinct``, and
+    (the same calls' time inside the profiled step: the profiler's own figure, which it
+    inflates by amounts that vary between runs; only a fallback here), ``calls`` and
+    ``distinct``, and
     ``in_step_only`` (calls that could not be re-run, counted in ``floor_s`` by their
     in-step time).  A call that several steps make is re-run once and gives all of them
     the same time, so two implementations of one design differ only where their GEMMs do."""
