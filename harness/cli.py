@@ -82,8 +82,8 @@ def cmd_bench(args) -> int:
     check_attention(args.attention, device, args.bf16)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.ops < 0:
         raise ConfigError("--batch-size and --steps must be >= 1, --warmup and --ops >= 0")
-    if (args.ops or args.mfu) and args.flops_only:
-        raise ConfigError("--ops and --mfu time train steps; they cannot go with --flops-only")
+    if (args.ops or args.mfu or args.floor) and args.flops_only:
+        raise ConfigError("--ops, --mfu and --floor time steps; they cannot go with --flops-only")
     specs = [registry.get(n) for n in args.names]
     cfgs = [s.config(**overrides) for s in specs]  # validate everything before compute
     if args.alternate:
@@ -100,13 +100,16 @@ def cmd_bench(args) -> int:
             model, _ = registry.build(spec.name, overrides, seed=0)
             opts = SpeedOptions(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
                                 bf16=args.bf16, compile=args.compile, profile_ops=args.ops,
-                                attention=args.attention)
+                                attention=args.attention, floor=args.floor)
             # --mfu: the peak first (for the probes timed next to each step), then once more
             probe = gemm_probe(cached_peak(device), device, args.bf16) if args.mfu else None
             rec.update(measure_speed(model, opts, device, probe=probe))
             if args.mfu:
                 cached_peak(device, refresh=True)
                 add_mfu(rec, device, args.bf16)
+                for mode in ("train", "infer"):  # the MFU the step would have as its GEMMs alone
+                    if f"{mode}_gemm_share" in rec and f"{mode}_mfu" in rec:
+                        rec[f"{mode}_mfu_at_floor"] = rec[f"{mode}_mfu"] / rec[f"{mode}_gemm_share"]
             del model
         rec.update({f"config.{k}": v for k, v in registry.config_dict(cfg).items()})
         rec = {k: v for k, v in rec.items() if v is not None}
@@ -121,6 +124,9 @@ def cmd_bench(args) -> int:
             if args.mfu:
                 cols += ["train_mfu", "train_mfu_paired", "infer_mfu", "infer_mfu_paired",
                          "mfu_peak_tflops", "train_paired_peak_tflops"]
+            if args.floor:
+                cols += ["train_gemm_floor_ms", "train_gemm_share", "train_mfu_at_floor",
+                         "infer_gemm_floor_ms", "infer_gemm_share", "infer_mfu_at_floor"]
         cols = [c for c in cols if any(c in r for r in records)]
         print_table(records, cols)
         print(f"\nFLOPs: {FLOP_CONVENTION}.")
@@ -141,6 +147,15 @@ def cmd_bench(args) -> int:
                       f"the best dense {r['mfu_peak']} GEMM measured in this process "
                       f"(mfu_peak_tflops); *_paired: per timed step against the GEMM rate probed "
                       f"just before and after it (the faster), median over steps.")
+            if args.floor:
+                print("GEMM floor: every matrix multiply of one step, each re-run alone on this "
+                      "machine, summed (harness/metrics/gemm_floor.py); *_gemm_share = floor / "
+                      "median step; *_mfu_at_floor = MFU / share, the MFU the step would have "
+                      "if it were its GEMMs alone.")
+                for r in records:
+                    for mode in ("train", "infer"):
+                        for x in r.get(f"{mode}_gemm_in_step_only", []):
+                            print(f"  {r['name']} {mode}: counted by its time in the step: {x}")
         for r in records:
             if r.get("train_ops"):
                 print(f"\nWhere a {r['name']} train step's time goes (torch.profiler over {args.ops} "
@@ -202,8 +217,9 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
     arms = parse_arms(args.alternate)
     device = torch.device(device)
     check_counts(("--rounds", args.rounds, 1))
-    if args.flops_only or args.ops or args.mfu:
-        raise ConfigError("--alternate times train steps; it cannot go with --flops-only, --ops or --mfu")
+    if args.flops_only or args.ops or args.mfu or args.floor:
+        raise ConfigError("--alternate times train steps; it cannot go with --flops-only, --ops, "
+                          "--mfu or --floor")
     for arm in arms:  # a linear path this torch build lacks stops here, before any work
         if _linear_arm(arm):
             cpu_matmul.check_path(_linear_arm(arm))
@@ -351,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mfu", action="store_true",
                    help="measure the dense GEMM peak and print MFU, also paired: against a GEMM "
                         "probe timed next to each step")
+    b.add_argument("--floor", action="store_true",
+                   help="also each step's GEMM floor: its matrix multiplies re-run alone, "
+                        "summed, and their share of the step (with --mfu: the MFU at the floor)")
     b.add_argument("--alternate", metavar="ARMS", default=None,
                    help="time train steps of each arm in alternating rounds, one process: "
                         "two or more of " + ", ".join(ARMS) + " (e.g. eager,compile)")

@@ -94,6 +94,23 @@ def test_bench_ops_prints_where_a_train_step_goes(capsys):
     assert "--flops-only" in capsys.readouterr().err
 
 
+def test_bench_floor_gives_each_steps_gemm_floor_and_the_mfu_at_it(capsys):
+    args = ["bench", "dit-s/8", "--set", "depth=1", "--set", "input_size=16", "--batch-size", "2",
+            "--steps", "1", "--warmup", "1", "--floor", "--mfu", "--json"]
+    assert cli.main(args) == 0
+    rec = json.loads(capsys.readouterr().out)[0]
+    for mode, calls in (("train", 3), ("infer", 1)):  # each Linear: fwd; bwd: input + weight
+        assert rec[f"{mode}_gemm_calls"] >= calls * 6  # >= 6 Linears in a DiT block
+        assert 0 < rec[f"{mode}_gemm_floor_ms"]
+        assert rec[f"{mode}_gemm_share"] == pytest.approx(
+            rec[f"{mode}_gemm_floor_ms"] / rec[f"{mode}_step_ms_median"])
+        assert rec[f"{mode}_mfu_at_floor"] == pytest.approx(rec[f"{mode}_mfu"] / rec[f"{mode}_gemm_share"])
+    assert cli.main(args[:-1]) == 0
+    assert "GEMM floor: every matrix multiply of one step" in capsys.readouterr().out
+    assert cli.main(["bench", "dit-s/8", "--floor", "--flops-only"]) == 2
+    assert cli.main(["bench", "dit-s/8", "--floor", "--alternate", "eager,compile"]) == 2
+
+
 def test_op_profile_shares_add_up():
     import torch
 

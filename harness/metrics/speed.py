@@ -50,6 +50,7 @@ class SpeedOptions:
     seed: int = 0
     profile_ops: int = 0     # then this many more train steps under torch.profiler (0: none)
     attention: str = "auto"  # SDPA backend while timing: auto | flash | efficient | cudnn | math
+    floor: bool = False      # then each step's GEMM floor (harness.metrics.gemm_floor)
 
 
 def set_threads(n: int) -> int:
@@ -237,6 +238,19 @@ def op_profile(step, device: torch.device, steps: int, top: int = 15) -> list[di
             for e in sorted(events, key=self_us, reverse=True)[:top]]
 
 
+def floor_metrics(prefix: str, step, device: torch.device, timed: dict) -> dict:
+    """``<prefix>_gemm_floor_ms`` (the step's matrix multiplies, each re-run alone, summed:
+    ``harness.metrics.gemm_floor``), its share of the timed median step, and the calls."""
+    from .gemm_floor import floor
+    f = floor(step, device)
+    ms = f["floor_s"] * 1e3
+    out = {f"{prefix}_gemm_floor_ms": ms, f"{prefix}_gemm_calls": f["calls"],
+           f"{prefix}_gemm_share": ms / timed[f"{prefix}_step_ms_median"]}
+    if f["in_step_only"]:
+        out[f"{prefix}_gemm_in_step_only"] = f["in_step_only"]
+    return out
+
+
 def summarise(prefix: str, times: list[float], batch_size: int, tokens_per_sample: int) -> dict:
     med = statistics.median(times)
     return {
@@ -388,6 +402,8 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         peaks.append(mem)
         if opts.profile_ops:
             out["train_ops"] = op_profile(train_step, device, opts.profile_ops)
+        if opts.floor:
+            out.update(floor_metrics("train", train_step, device, out))
         del optim
     if opts.infer:
         model.eval()
@@ -399,6 +415,8 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
             out.update(infer_step_s=times, infer_probe_flops=rates)
         out["infer_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)
+        if opts.floor:
+            out.update(floor_metrics("infer", infer_step, device, out))
     out["peak_mem_mb"] = max(p["peak_mem_mb"] for p in peaks) if peaks else 0.0
     out["peak_mem_source"] = peaks[0]["peak_mem_source"] if peaks else ""
     return out
