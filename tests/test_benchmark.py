@@ -298,6 +298,7 @@ def test_smoke_speed_study_runs_through_the_engine(tmp_path, shared_runs):
     raw = yaml.safe_load((STUDIES / "speed_dit.yaml").read_text())
     raw["name"] = "speed_dit_test"
     raw["profiles"]["smoke"]["model"]["config"].update(hidden_size=32, num_heads=2, input_size=8)
+    raw["profiles"]["smoke"]["task"]["options"]["floor"] = True  # and each step's GEMM floor
     path = tmp_path / "speed_dit_test.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert run_cli("run", path, "--profile", "smoke", "--runs-dir", shared_runs, "--quiet") == 0
@@ -307,6 +308,14 @@ def test_smoke_speed_study_runs_through_the_engine(tmp_path, shared_runs):
     assert len(kids) == 2 and set(kids["status"]) == {"FINISHED"}
     assert (kids["metrics.train_mfu"] > 0).all() and (kids["metrics.peak_fp32_tflops"] > 0).all()
     assert set(kids["tags.bench.bf16"]) == {"false"}
+    for m in ("train", "infer"):
+        share = kids[f"metrics.{m}_gemm_share"]
+        assert (share > 0).all() and (kids[f"metrics.{m}_gemm_calls"] > 0).all()
+        assert share.tolist() == pytest.approx(
+            (kids[f"metrics.{m}_gemm_floor_ms"] / kids[f"metrics.{m}_step_ms_median"]).tolist())
+        assert kids[f"metrics.{m}_mfu_at_floor"].tolist() == pytest.approx(
+            (kids[f"metrics.{m}_mfu"] / share).tolist())
+    assert kids["tags.bench.gemm_floor"].str.contains("gemm_floor").all()
 
 
 @pytest.fixture

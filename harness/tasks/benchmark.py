@@ -61,6 +61,9 @@ class BenchmarkOptions:
                                      # {batching: pad}), timed in turn with this one on the
                                      # same batch, in this process: *_speedup_vs_reference
     reference_rounds: int = 0        # rounds of that alternation (0: steps)
+    floor: bool = False              # also each step's GEMM floor (its matrix multiplies re-run
+                                     # alone, summed: harness.metrics.gemm_floor), its share of
+                                     # the step, and the MFU at the floor
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
@@ -190,7 +193,10 @@ class BenchmarkTask(Task):
                "other_cpu_cores", "train_speedup_vs_reference", "infer_speedup_vs_reference",
                "train_rounds_won_vs_reference", "infer_rounds_won_vs_reference",
                "train_ab_step_ms_median", "infer_ab_step_ms_median",
-               "train_reference_step_ms_median", "infer_reference_step_ms_median")
+               "train_reference_step_ms_median", "infer_reference_step_ms_median",
+               "train_gemm_floor_ms", "infer_gemm_floor_ms", "train_gemm_share",
+               "infer_gemm_share", "train_gemm_calls", "infer_gemm_calls",
+               "train_mfu_at_floor", "infer_mfu_at_floor")
     metric_patterns = ("reference_*",)  # the reference model's family figures
 
     def related_models(self, options: BenchmarkOptions) -> dict[str, dict]:
@@ -244,7 +250,7 @@ class BenchmarkTask(Task):
                 speed = measure_speed(ctx.model, SpeedOptions(
                     batch_size=o.batch_size, warmup=o.warmup, steps=o.steps, bf16=o.bf16,
                     compile=o.compile, channels_last=o.channels_last, attention=o.attention, train=o.train,
-                    infer=o.infer, seed=ctx.seed), device, inputs, probe=probe)
+                    infer=o.infer, seed=ctx.seed, floor=o.floor), device, inputs, probe=probe)
                 family = {k: float(v) for k, v in extra().items()}  # e.g. padding_fraction
                 ab, ab_tags = reference_ab(ctx, o, inputs) if o.reference else ({}, {})
             peak = cached_peak(device, o.peak_sizes, refresh=True) if measured else {}
@@ -283,6 +289,16 @@ class BenchmarkTask(Task):
                                                  "just before and after it (the faster); median")
             if peak:
                 tags["bench.peak_method"] = peak.get("peak_method", "")
+            for m in ("train", "infer"):  # the MFU the step would have as its GEMMs alone
+                if f"{m}_gemm_share" in out and f"{m}_mfu" in out:
+                    out[f"{m}_mfu_at_floor"] = out[f"{m}_mfu"] / out[f"{m}_gemm_share"]
+        if o.floor:
+            tags["bench.gemm_floor"] = ("every matrix multiply of one step re-run alone, summed "
+                                        "(harness.metrics.gemm_floor); *_mfu_at_floor = MFU / "
+                                        "*_gemm_share")
+            skipped = [x for m in ("train", "infer") for x in speed.get(f"{m}_gemm_in_step_only", [])]
+            if skipped:
+                tags["bench.gemm_in_step_only"] = "; ".join(skipped)[:4000]
         out["bench_time_s"] = time.perf_counter() - t0
         bad = [k for k, v in out.items() if not math.isfinite(v)]
         if bad:
