@@ -488,13 +488,14 @@ def render_floor(rows: list[dict]) -> list[str]:
             if f"ours_{mode}_gemm_floor_ms" in row]
     if not have:
         return []
-    lines = ["", "Where the step goes (`--floor`, `harness/metrics/gemm_floor.py`): every matrix "
-             "multiply of one step (mm, addmm, bmm, oneDNN linear, convolution), each re-run "
-             "alone on this machine (a call both sides make, once for both), summed: the "
-             "step's GEMM floor; other = median step - floor (norms, activations, softmax and "
-             "attention kernels, copies, the optimiser, Python, and GEMMs slower between other "
-             "kernels than alone); ceiling = theirs' step / ours' floor, the ratio ours would "
-             "reach if its step were its GEMMs alone.",
+    lines = ["", "Where the step goes (`--floor`, `harness/metrics/gemm_floor.py`): every call "
+             "of one step that carries the model's multiply-adds (mm, addmm, bmm, oneDNN "
+             "linear, convolution, SDPA's fused attention kernels), each re-run alone on this "
+             "machine (a call both sides make, once for both), summed: the step's GEMM floor; "
+             "other = median step - floor (norms, activations, an unfused softmax, copies, the "
+             "optimiser, Python, and GEMMs slower between other kernels than alone); ceiling = "
+             "theirs' step / ours' floor, the ratio ours would reach if its step were its "
+             "GEMMs alone.",
              "", "| model | mode | side | step ms | GEMMs alone ms (calls) | other ms | "
              "other / step | ceiling |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for row, mode in have:

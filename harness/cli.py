@@ -148,7 +148,8 @@ def cmd_bench(args) -> int:
                       f"(mfu_peak_tflops); *_paired: per timed step against the GEMM rate probed "
                       f"just before and after it (the faster), median over steps.")
             if args.floor:
-                print("GEMM floor: every matrix multiply of one step, each re-run alone on this "
+                print("GEMM floor: every matrix multiply of one step (SDPA's fused kernels "
+                      "included), each re-run alone on this "
                       "machine, summed (harness/metrics/gemm_floor.py); *_gemm_share = floor / "
                       "median step; *_mfu_at_floor = MFU / share, the MFU the step would have "
                       "if it were its GEMMs alone.")

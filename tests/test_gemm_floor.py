@@ -90,3 +90,19 @@ def test_a_gemm_two_steps_share_is_timed_once_for_both():
                            "other": lambda: (a @ b, (a @ b) @ c)}, repeats=3)
     assert f["two"]["floor_s"] == pytest.approx(2 * f["one"]["floor_s"])
     assert f["other"]["floor_s"] > f["one"]["floor_s"] and f["other"]["distinct"] == 2
+
+
+def test_sdpas_fused_kernels_are_in_the_floor():
+    """SDPA's fused kernels carry attention's matmuls (which the FLOP count includes): they
+    are in the floor, forward and backward, re-run alone with their optional arguments."""
+    q, k, v = (torch.randn(2, 3, 64, 32, requires_grad=True) for _ in range(3))
+    mask = torch.rand(64, 64) > 0.2
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+    calls, _ = gemm_floor.record(step)
+    names = {key[0] for key in calls}
+    assert len(names) == 2 and all("scaled_dot_product" in n for n in names)
+    assert any(n.endswith("_backward") for n in names)
+    f = gemm_floor.floor(step, repeats=2)
+    assert f["calls"] == 2 and f["in_step_only"] == [] and f["floor_s"] > 0

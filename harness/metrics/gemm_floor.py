@@ -1,15 +1,17 @@
 """How much of a step is matrix multiplication: its GEMM floor.
 
 ``floor(step)`` runs ``step`` once under ``torch.profiler`` (shapes, strides, dtypes and
-scalar arguments recorded), takes every matrix-multiply call in it (``GEMM_OPS``: the
-outermost one where they nest), and re-runs each distinct call alone, on fresh tensors
-of the same shapes, strides and dtype, with the same scalar arguments: the median of
-``repeats`` runs, times how often the step made it.  The sum is the time the step's
-GEMMs take when nothing else runs, on this machine's own GEMM libraries: the step cannot
-go faster than that without doing less multiplication.  The rest of a step (``step -
-floor``) is everything else: normalisation, activations, softmax and attention kernels
-(SDPA's fused kernels count here: their GEMMs are inside them), copies, the optimiser,
-Python, and what running between other kernels does to a GEMM's caches.
+scalar arguments recorded), takes every call in it that carries the model's multiply-adds
+(``GEMM_OPS``: matrix multiplies, convolutions, and SDPA's fused attention kernels, whose
+matmuls are inside them; the outermost one where they nest), and re-runs each distinct
+call alone, on fresh tensors of the same shapes, strides and dtype, with the same scalar
+arguments: the median of ``repeats`` runs, times how often the step made it.  The sum is
+what those calls take when nothing else runs, on this machine's own libraries: the step
+cannot go faster without doing less multiplication.  The rest of a step (``step -
+floor``) is everything else: normalisation, activations, an unfused softmax, copies, the
+optimiser, Python, and what running between other kernels does to a GEMM's caches.  A
+fused attention kernel's softmax is inside the floor; an unfused one (matmuls around a
+softmax) is not, so two attention paths differ there by that much.
 
 Two implementations of the same model run the same GEMMs (``harness.bench_peer`` checks
 that: equal parameter counts, and ``--floor`` prints both floors), so the ratio of their
@@ -29,11 +31,16 @@ from typing import Callable
 
 import torch
 
-# matrix-multiply ops, as the profiler names them; where one runs inside another (a
-# convolution's GEMM) only the outermost counts
+# the ops that carry a model's multiply-adds, as the profiler names them: matrix multiplies,
+# convolutions, and SDPA's fused attention kernels (their two matmuls are inside them, and
+# harness.metrics.flops counts attention's multiply-adds); where one runs inside another (a
+# convolution's GEMM, a fused kernel's inner call) only the outermost counts
 GEMM_OPS = frozenset({
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
     "mkldnn::_linear_pointwise", "aten::convolution", "aten::convolution_backward",
+    *(f"aten::_scaled_dot_product_{k}{d}" for k in (
+        "flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention")
+      for d in ("", "_backward")),
 })
 
 # arguments the profiler records without a value: the ones these ops take
