@@ -281,19 +281,24 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
 
 def floors_of(mode: str, arms: dict[str, nn.Module], inputs: tuple, labels: torch.Tensor,
               device: torch.device) -> dict:
-    """``--floor``: the GEMM floor of one step of each arm (``harness.metrics.gemm_floor``;
-    a GEMM both make is timed once for both), after one unrecorded step each, as
-    ``<arm>_<mode>_gemm_*`` keys."""
+    """``--floor``: the GEMM floor of each arm's step (``harness.metrics.gemm_floor``: both
+    arms' steps and the re-run calls interleaved in rounds; a GEMM both make is timed once
+    for both), after one unrecorded step each, as ``<arm>_<mode>_gemm_*`` keys, and the
+    ratio ceiling: the median over rounds of theirs' step / ours' floor."""
     steps = {who: make_step(m, inputs, labels, mode == "train") for who, m in arms.items()}
     for step in steps.values():
         step()
-    out = {}
-    for who, f in gemm_floor.floors(steps, device).items():
-        out.update({f"{who}_{mode}_gemm_floor_ms": f["floor_s"] * 1e3,
-                    f"{who}_{mode}_gemm_in_step_ms": f["in_step_s"] * 1e3,
-                    f"{who}_{mode}_gemm_calls": f["calls"]})
-        if f["in_step_only"]:
-            out[f"{who}_{mode}_gemm_in_step_only"] = f["in_step_only"]
+    f = gemm_floor.floors(steps, device)
+    out = {f"{mode}_ratio_ceiling": statistics.median(
+        t / fl for (t, _), (_, fl) in zip(f["theirs"]["per_round"], f["ours"]["per_round"]))}
+    for who, g in f.items():
+        out.update({f"{who}_{mode}_gemm_floor_ms": g["floor_s"] * 1e3,
+                    f"{who}_{mode}_gemm_step_ms": g["step_s"] * 1e3,
+                    f"{who}_{mode}_gemm_other_ms": g["other_s"] * 1e3,
+                    f"{who}_{mode}_gemm_share": g["share"],
+                    f"{who}_{mode}_gemm_calls": g["calls"]})
+        if g["in_step_only"]:
+            out[f"{who}_{mode}_gemm_in_step_only"] = g["in_step_only"]
     return out
 
 
@@ -490,21 +495,23 @@ def render_floor(rows: list[dict]) -> list[str]:
         return []
     lines = ["", "Where the step goes (`--floor`, `harness/metrics/gemm_floor.py`): every call "
              "of one step that carries the model's multiply-adds (mm, addmm, bmm, oneDNN "
-             "linear, convolution, SDPA's fused attention kernels), each re-run alone on this "
-             "machine (a call both sides make, once for both), summed: the step's GEMM floor; "
-             "other = median step - floor (norms, activations, an unfused softmax, copies, the "
-             "optimiser, Python, and GEMMs slower between other kernels than alone); ceiling = "
-             "theirs' step / ours' floor, the ratio ours would reach if its step were its "
-             "GEMMs alone.",
-             "", "| model | mode | side | step ms | GEMMs alone ms (calls) | other ms | "
-             "other / step | ceiling |", "|---|---|---|---:|---:|---:|---:|---:|"]
+             "linear, convolution, SDPA's fused attention kernels), re-run alone on this "
+             "machine and summed: the step's GEMM floor. It is timed in rounds, each a step "
+             "of ours, one of theirs, and every call once (a call both sides make, once for "
+             "both), so the machine's drift hits step and floor alike; medians over the "
+             "rounds. Other = step - floor (norms, activations, an unfused softmax, copies, "
+             "the optimiser, Python, and GEMMs slower between other kernels than alone); "
+             "ceiling = theirs' step / ours' floor, the ratio ours would reach if its step "
+             "were its GEMMs alone.",
+             "", "| model | mode | side | step ms (these rounds) | GEMMs alone ms (calls) | "
+             "other ms | other / step | ceiling |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for row, mode in have:
-        ceiling = row[f"theirs_{mode}_step_ms_median"] / row[f"ours_{mode}_gemm_floor_ms"]
         for who in ("ours", "theirs"):
-            step, fl = row[f"{who}_{mode}_step_ms_median"], row[f"{who}_{mode}_gemm_floor_ms"]
-            lines.append(f"| {row['model']} | {mode} | {who} | {step:.1f} | {fl:.1f} "
-                         f"({row[f'{who}_{mode}_gemm_calls']:.0f}) | {step - fl:.1f} | "
-                         f"{(step - fl) / step:.0%} | {f'{ceiling:.2f}' if who == 'ours' else ''} |")
+            k = f"{who}_{mode}_gemm"
+            ceiling = f"{row[f'{mode}_ratio_ceiling']:.2f}" if who == "ours" else ""
+            lines.append(f"| {row['model']} | {mode} | {who} | {row[f'{k}_step_ms']:.1f} | "
+                         f"{row[f'{k}_floor_ms']:.1f} ({row[f'{k}_calls']:.0f}) | "
+                         f"{row[f'{k}_other_ms']:.1f} | {1 - row[f'{k}_share']:.0%} | {ceiling} |")
     skipped = [f"{who} {mode}: {x}" for row, mode in have for who in ("ours", "theirs")
                for x in row.get(f"{who}_{mode}_gemm_in_step_only", [])]
     if skipped:

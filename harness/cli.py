@@ -150,9 +150,10 @@ def cmd_bench(args) -> int:
             if args.floor:
                 print("GEMM floor: every matrix multiply of one step (SDPA's fused kernels "
                       "included), each re-run alone on this "
-                      "machine, summed (harness/metrics/gemm_floor.py); *_gemm_share = floor / "
-                      "median step; *_mfu_at_floor = MFU / share, the MFU the step would have "
-                      "if it were its GEMMs alone.")
+                      "machine, summed (harness/metrics/gemm_floor.py), in rounds with a step "
+                      "timed between re-runs; *_gemm_share = the rounds' median floor / step; "
+                      "*_mfu_at_floor = MFU / share, the MFU the step would have if it were its "
+                      "GEMMs alone.")
                 for r in records:
                     for mode in ("train", "infer"):
                         for x in r.get(f"{mode}_gemm_in_step_only", []):

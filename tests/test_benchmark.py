@@ -311,8 +311,7 @@ def test_smoke_speed_study_runs_through_the_engine(tmp_path, shared_runs):
     for m in ("train", "infer"):
         share = kids[f"metrics.{m}_gemm_share"]
         assert (share > 0).all() and (kids[f"metrics.{m}_gemm_calls"] > 0).all()
-        assert share.tolist() == pytest.approx(
-            (kids[f"metrics.{m}_gemm_floor_ms"] / kids[f"metrics.{m}_step_ms_median"]).tolist())
+        assert (kids[f"metrics.{m}_gemm_step_ms"] > 0).all()  # the steps timed between re-runs
         assert kids[f"metrics.{m}_mfu_at_floor"].tolist() == pytest.approx(
             (kids[f"metrics.{m}_mfu"] / share).tolist())
     assert kids["tags.bench.gemm_floor"].str.contains("gemm_floor").all()
@@ -385,6 +384,10 @@ def test_peer_floor_measures_both_sides_gemms(bp, tmp_path):
             assert 0 < row[f"{who}_{mode}_gemm_floor_ms"]
             assert f"{who}_{mode}_gemm_in_step_only" not in row
         assert row[f"ours_{mode}_gemm_calls"] == row[f"theirs_{mode}_gemm_calls"] > 0
+        assert row[f"{mode}_ratio_ceiling"] > 0
+        for who in ("ours", "theirs"):
+            k = f"{who}_{mode}_gemm"
+            assert 0 < row[f"{k}_share"] and row[f"{k}_step_ms"] > 0 and f"{k}_other_ms" in row
     text = out.read_text()
     assert "Where the step goes" in text and "| ViViT Model 2 | train |" in text
 

@@ -126,59 +126,79 @@ def _call(name: str, args: list) -> Callable[[], object]:
     raise ValueError(f"{name}: no overload takes {len(args)} arguments")
 
 
+def _sync(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _seconds(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
 def replay_seconds(key: tuple, device: torch.device, repeats: int = 7, warmup: int = 2) -> float:
     """Median seconds of one call of ``key``, alone."""
-    fn = _call(key[0], _args(key, device))
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fn, sync = _call(key[0], _args(key, device)), _sync(device)
     with torch.no_grad():
         for _ in range(warmup):
             fn()
         sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return statistics.median(_seconds(fn, sync) for _ in range(repeats))
 
 
 def floors(steps: dict[str, Callable[[], object]], device: torch.device | str = "cpu",
-           repeats: int = 7) -> dict[str, dict]:
-    """The GEMM floor of one step of each of ``steps`` (module docstring), by name:
-    ``floor_s`` (each distinct GEMM call alone, times its count, summed), ``in_step_s``
-    (the same calls' time inside the profiled step: the profiler's own figure, which it
-    inflates by amounts that vary between runs; only a fallback here), ``calls`` and
-    ``distinct``, and
-    ``in_step_only`` (calls that could not be re-run, counted in ``floor_s`` by their
-    in-step time).  A call that several steps make is re-run once and gives all of them
-    the same time, so two implementations of one design differ only where their GEMMs do."""
+           rounds: int = 3) -> dict[str, dict]:
+    """The GEMM floor of each of ``steps`` (module docstring), by name.
+
+    One step of each is recorded; then ``rounds`` rounds each time one step of every entry
+    and re-run every distinct call once: a small VM's speed drifts by tens of % within
+    seconds, so a floor timed apart from its step could read more than the step itself
+    (it did, on the Zen 4: 1.08x).  Per entry: ``floor_s`` and ``step_s`` (medians over
+    the rounds), ``share`` (the median of the rounds' floor / step), ``other_s`` (the
+    median of step - floor), ``per_round`` (each round's (step, floor) seconds),
+    ``calls`` and ``distinct``, ``in_step_s`` (the recorded calls' time inside the
+    profiled step: the profiler's own figure, which it inflates by amounts that vary
+    between runs; used only as below), and ``in_step_only`` (calls that could not be
+    re-run, counted in every round by their in-step time).  A call several entries make
+    is re-run once per round and counts alike for all of them."""
     device = torch.device(device)
+    sync = _sync(device)
     recorded = {name: record(step, device) for name, step in steps.items()}
-    alone: dict = {}
+    fns: dict = {}
     for calls, _ in recorded.values():
         for key in calls:
-            if key not in alone:
+            if key not in fns:
                 try:
-                    alone[key] = replay_seconds(key, device, repeats)
+                    fns[key] = _call(key[0], _args(key, device))
+                    with torch.no_grad():
+                        fns[key]()  # warm, and a call that cannot run fails here
                 except (ValueError, RuntimeError, TypeError, AttributeError) as e:
-                    alone[key] = e
+                    fns[key] = e
+    runnable = {k: f for k, f in fns.items() if not isinstance(f, Exception)}
+    per_round = {name: [] for name in steps}
+    for _ in range(max(1, rounds)):
+        step_s = {name: _seconds(step, sync) for name, step in steps.items()}
+        with torch.no_grad():
+            alone = {key: _seconds(fn, sync) for key, fn in runnable.items()}
+        for name, (calls, in_step) in recorded.items():
+            fl = sum(n * alone[k] if k in alone else in_step[k] for k, n in calls.items())
+            per_round[name].append((step_s[name], fl))
     out = {}
     for name, (calls, in_step) in recorded.items():
-        total, skipped = 0.0, []
-        for key, n in calls.items():
-            if isinstance(alone[key], Exception):
-                e = alone[key]
-                total += in_step[key]
-                skipped.append(f"{n} x {key[0]} {list(key[1])}: {type(e).__name__}: {e}"[:300])
-            else:
-                total += n * alone[key]
-        out[name] = {"floor_s": total, "in_step_s": sum(in_step.values()),
-                     "calls": sum(calls.values()), "distinct": len(calls), "in_step_only": skipped}
+        pairs = per_round[name]
+        skipped = [f"{n} x {k[0]} {list(k[1])}: {type(fns[k]).__name__}: {fns[k]}"[:300]
+                   for k, n in calls.items() if isinstance(fns[k], Exception)]
+        out[name] = {"floor_s": statistics.median(f for _, f in pairs),
+                     "step_s": statistics.median(t for t, _ in pairs),
+                     "share": statistics.median(f / t for t, f in pairs),
+                     "other_s": statistics.median(t - f for t, f in pairs),
+                     "per_round": pairs, "in_step_s": sum(in_step.values()),
+                     "calls": sum(calls.values()), "distinct": len(calls),
+                     "in_step_only": skipped}
     return out
 
 
-def floor(step: Callable[[], object], device: torch.device | str = "cpu",
-          repeats: int = 7) -> dict:
+def floor(step: Callable[[], object], device: torch.device | str = "cpu", rounds: int = 3) -> dict:
     """``floors`` of one step."""
-    return floors({"step": step}, device, repeats)["step"]
+    return floors({"step": step}, device, rounds)["step"]

@@ -238,14 +238,15 @@ def op_profile(step, device: torch.device, steps: int, top: int = 15) -> list[di
             for e in sorted(events, key=self_us, reverse=True)[:top]]
 
 
-def floor_metrics(prefix: str, step, device: torch.device, timed: dict) -> dict:
+def floor_metrics(prefix: str, step, device: torch.device) -> dict:
     """``<prefix>_gemm_floor_ms`` (the step's matrix multiplies, each re-run alone, summed:
-    ``harness.metrics.gemm_floor``), its share of the timed median step, and the calls."""
+    ``harness.metrics.gemm_floor``, in rounds with steps timed between them),
+    ``<prefix>_gemm_share`` (the rounds' median floor / step), the step's median in those
+    rounds, and the calls."""
     from .gemm_floor import floor
     f = floor(step, device)
-    ms = f["floor_s"] * 1e3
-    out = {f"{prefix}_gemm_floor_ms": ms, f"{prefix}_gemm_calls": f["calls"],
-           f"{prefix}_gemm_share": ms / timed[f"{prefix}_step_ms_median"]}
+    out = {f"{prefix}_gemm_floor_ms": f["floor_s"] * 1e3, f"{prefix}_gemm_calls": f["calls"],
+           f"{prefix}_gemm_share": f["share"], f"{prefix}_gemm_step_ms": f["step_s"] * 1e3}
     if f["in_step_only"]:
         out[f"{prefix}_gemm_in_step_only"] = f["in_step_only"]
     return out
@@ -403,7 +404,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         if opts.profile_ops:
             out["train_ops"] = op_profile(train_step, device, opts.profile_ops)
         if opts.floor:
-            out.update(floor_metrics("train", train_step, device, out))
+            out.update(floor_metrics("train", train_step, device))
         del optim
     if opts.infer:
         model.eval()
@@ -416,7 +417,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         out["infer_peak_mem_mb"] = mem["peak_mem_mb"]
         peaks.append(mem)
         if opts.floor:
-            out.update(floor_metrics("infer", infer_step, device, out))
+            out.update(floor_metrics("infer", infer_step, device))
     out["peak_mem_mb"] = max(p["peak_mem_mb"] for p in peaks) if peaks else 0.0
     out["peak_mem_source"] = peaks[0]["peak_mem_source"] if peaks else ""
     return out

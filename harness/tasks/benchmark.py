@@ -196,7 +196,8 @@ class BenchmarkTask(Task):
                "train_reference_step_ms_median", "infer_reference_step_ms_median",
                "train_gemm_floor_ms", "infer_gemm_floor_ms", "train_gemm_share",
                "infer_gemm_share", "train_gemm_calls", "infer_gemm_calls",
-               "train_mfu_at_floor", "infer_mfu_at_floor")
+               "train_mfu_at_floor", "infer_mfu_at_floor", "train_gemm_step_ms",
+               "infer_gemm_step_ms")
     metric_patterns = ("reference_*",)  # the reference model's family figures
 
     def related_models(self, options: BenchmarkOptions) -> dict[str, dict]:
