@@ -73,6 +73,7 @@ def cmd_variants(args) -> int:
 def cmd_bench(args) -> int:
     from . import registry
     from .metrics.flops import FLOP_CONVENTION, build_uninitialised, flops_of
+    from .metrics.gemm_floor import mfu_at_floor
     from .metrics.peak import add_mfu, cached_peak, gemm_probe
     from .metrics.speed import SpeedOptions, check_attention, measure_speed
     from .sweep import resolve_device
@@ -108,8 +109,8 @@ def cmd_bench(args) -> int:
                 cached_peak(device, refresh=True)
                 add_mfu(rec, device, args.bf16)
                 for mode in ("train", "infer"):  # the MFU the step would have as its GEMMs alone
-                    if f"{mode}_gemm_share" in rec and f"{mode}_mfu" in rec:
-                        rec[f"{mode}_mfu_at_floor"] = rec[f"{mode}_mfu"] / rec[f"{mode}_gemm_share"]
+                    if f"{mode}_gemm_floor_ms" in rec and f"{mode}_mfu" in rec:
+                        rec[f"{mode}_mfu_at_floor"] = mfu_at_floor(rec, mode)
             del model
         rec.update({f"config.{k}": v for k, v in registry.config_dict(cfg).items()})
         rec = {k: v for k, v in rec.items() if v is not None}
@@ -152,8 +153,8 @@ def cmd_bench(args) -> int:
                       "included), each re-run alone on this "
                       "machine, summed (harness/metrics/gemm_floor.py), in rounds with a step "
                       "timed between re-runs; *_gemm_share = the rounds' median floor / step; "
-                      "*_mfu_at_floor = MFU / share, the MFU the step would have if it were its "
-                      "GEMMs alone.")
+                      "*_mfu_at_floor = model FLOPs / floor / peak (= MFU x step / floor), the "
+                      "MFU the step would have if it were its GEMMs alone.")
                 for r in records:
                     for mode in ("train", "infer"):
                         for x in r.get(f"{mode}_gemm_in_step_only", []):

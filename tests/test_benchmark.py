@@ -313,7 +313,8 @@ def test_smoke_speed_study_runs_through_the_engine(tmp_path, shared_runs):
         assert (share > 0).all() and (kids[f"metrics.{m}_gemm_calls"] > 0).all()
         assert (kids[f"metrics.{m}_gemm_step_ms"] > 0).all()  # the steps timed between re-runs
         assert kids[f"metrics.{m}_mfu_at_floor"].tolist() == pytest.approx(
-            (kids[f"metrics.{m}_mfu"] / share).tolist())
+            (kids[f"metrics.{m}_mfu"] * kids[f"metrics.{m}_step_ms_median"]
+             / kids[f"metrics.{m}_gemm_floor_ms"]).tolist())
     assert kids["tags.bench.gemm_floor"].str.contains("gemm_floor").all()
 
 

@@ -103,7 +103,8 @@ def test_bench_floor_gives_each_steps_gemm_floor_and_the_mfu_at_it(capsys):
         assert rec[f"{mode}_gemm_calls"] >= calls * 6  # >= 6 Linears in a DiT block
         assert 0 < rec[f"{mode}_gemm_floor_ms"]
         assert 0 < rec[f"{mode}_gemm_share"] and rec[f"{mode}_gemm_step_ms"] > 0  # paired in rounds
-        assert rec[f"{mode}_mfu_at_floor"] == pytest.approx(rec[f"{mode}_mfu"] / rec[f"{mode}_gemm_share"])
+        assert rec[f"{mode}_mfu_at_floor"] == pytest.approx(
+            rec[f"{mode}_mfu"] * rec[f"{mode}_step_ms_median"] / rec[f"{mode}_gemm_floor_ms"])
     assert cli.main(args[:-1]) == 0
     assert "GEMM floor: every matrix multiply of one step" in capsys.readouterr().out
     assert cli.main(["bench", "dit-s/8", "--floor", "--flops-only"]) == 2

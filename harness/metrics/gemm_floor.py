@@ -199,6 +199,15 @@ def floors(steps: dict[str, Callable[[], object]], device: torch.device | str = 
     return out
 
 
+def mfu_at_floor(rec: dict, mode: str) -> float:
+    """Model FLOPs / floor / peak: the MFU a step would have if it were its GEMMs alone,
+    from a record with ``<mode>_mfu``, ``<mode>_step_ms_median`` and ``<mode>_gemm_floor_ms``
+    (= MFU x step / floor: no step time is left in it, only the floor, the model's FLOPs and
+    the peak).  Not MFU / share: the share is paired with the steps of the floor's own
+    rounds, the MFU with the timed steps, and that mix read above 1 once."""
+    return rec[f"{mode}_mfu"] * rec[f"{mode}_step_ms_median"] / rec[f"{mode}_gemm_floor_ms"]
+
+
 def floor(step: Callable[[], object], device: torch.device | str = "cpu", rounds: int = 3) -> dict:
     """``floors`` of one step."""
     return floors({"step": step}, device, rounds)["step"]
