@@ -292,13 +292,8 @@ def floors_of(mode: str, arms: dict[str, nn.Module], inputs: tuple, labels: torc
     out = {f"{mode}_ratio_ceiling": statistics.median(
         t / fl for (t, _), (_, fl) in zip(f["theirs"]["per_round"], f["ours"]["per_round"]))}
     for who, g in f.items():
-        out.update({f"{who}_{mode}_gemm_floor_ms": g["floor_s"] * 1e3,
-                    f"{who}_{mode}_gemm_step_ms": g["step_s"] * 1e3,
-                    f"{who}_{mode}_gemm_other_ms": g["other_s"] * 1e3,
-                    f"{who}_{mode}_gemm_share": g["share"],
-                    f"{who}_{mode}_gemm_calls": g["calls"]})
-        if g["in_step_only"]:
-            out[f"{who}_{mode}_gemm_in_step_only"] = g["in_step_only"]
+        out.update(gemm_floor.as_metrics(f"{who}_{mode}", g))
+        out[f"{who}_{mode}_gemm_other_ms"] = g["other_s"] * 1e3
     return out
 
 

@@ -73,7 +73,7 @@ def cmd_variants(args) -> int:
 def cmd_bench(args) -> int:
     from . import registry
     from .metrics.flops import FLOP_CONVENTION, build_uninitialised, flops_of
-    from .metrics.gemm_floor import mfu_at_floor
+    from .metrics.gemm_floor import add_mfu_at_floor
     from .metrics.peak import add_mfu, cached_peak, gemm_probe
     from .metrics.speed import SpeedOptions, check_attention, measure_speed
     from .sweep import resolve_device
@@ -108,9 +108,7 @@ def cmd_bench(args) -> int:
             if args.mfu:
                 cached_peak(device, refresh=True)
                 add_mfu(rec, device, args.bf16)
-                for mode in ("train", "infer"):  # the MFU the step would have as its GEMMs alone
-                    if f"{mode}_gemm_floor_ms" in rec and f"{mode}_mfu" in rec:
-                        rec[f"{mode}_mfu_at_floor"] = mfu_at_floor(rec, mode)
+                add_mfu_at_floor(rec)  # the MFU the step would have as its GEMMs alone
             del model
         rec.update({f"config.{k}": v for k, v in registry.config_dict(cfg).items()})
         rec = {k: v for k, v in rec.items() if v is not None}

@@ -326,38 +326,42 @@ def gelu_tanh_bias_grad_formula(g: torch.Tensor, y: torch.Tensor, bias: torch.Te
     return gelu_tanh_grad_formula(g, y + bias)
 
 
-def _compiled_pair(key: str, fwd_formula, bwd_formula, fwd_args: tuple, bwd_args: tuple):
-    """(forward, backward) formulas compiled by inductor (``dynamic=True``: one compile per
-    process, cached on disk by inductor), run once each on the given arguments at the first
-    call, so a failure shows here, not mid-backward; kept under ``key``."""
+_GELU_FORMULAS = {"plain": (gelu_tanh_formula, gelu_tanh_grad_formula),
+                  "bias": (gelu_tanh_bias_formula, gelu_tanh_bias_grad_formula)}
+
+
+def _compiled_pair(key: str, probe):
+    """``_GELU_FORMULAS[key]`` compiled by inductor (``dynamic=True``: one compile per process,
+    cached on disk by inductor) and kept under ``key``.  At the first call only, ``probe()``
+    gives (forward args, backward args) to run each once on, so a failure shows here, not
+    mid-backward (every later call is a lookup: it happens at every fused call)."""
     if key not in _GELU_KERNELS:
-        fwd = torch.compile(fwd_formula, dynamic=True, fullgraph=True)
-        bwd = torch.compile(bwd_formula, dynamic=True, fullgraph=True)
+        fwd, bwd = (torch.compile(f, dynamic=True, fullgraph=True) for f in _GELU_FORMULAS[key])
+        fwd_args, bwd_args = probe()
         with torch.no_grad():  # as inside an autograd.Function
             fwd(*fwd_args), bwd(*bwd_args)
         _GELU_KERNELS[key] = (fwd, bwd)
     return _GELU_KERNELS[key]
 
 
+def _probe_plain():
+    x = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL)
+    return (x,), (x, x)
+
+
+def _probe_bias():
+    y, b = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL).view(-1, 64), torch.zeros(64)
+    return (y, b), (y, y, b)
+
+
 def fused_gelu_tanh_kernels():
     """(forward, backward) of the tanh-GELU, one pass each over a flat tensor of any length."""
-    if "plain" not in _GELU_KERNELS:  # asked at every call: build the probe only once
-        x = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL)
-        _compiled_pair("plain", gelu_tanh_formula, gelu_tanh_grad_formula, (x,), (x, x))
-    return _GELU_KERNELS["plain"]
+    return _compiled_pair("plain", _probe_plain)
 
 
 def fused_gelu_tanh_bias_kernels():
     """(forward, backward) of ``gelu_tanh_bias_formula`` over (M, N) rows and an (N,) bias."""
-    if "bias" not in _GELU_KERNELS:
-        y, b = torch.linspace(-8, 8, cpu_gelu.FUSED_MIN_NUMEL).view(-1, 64), torch.zeros(64)
-        _compiled_pair("bias", gelu_tanh_bias_formula, gelu_tanh_bias_grad_formula,
-                       (y, b), (y, y, b))
-    return _GELU_KERNELS["bias"]
-
-
-_GELU_FORMULAS = {"plain": (gelu_tanh_formula, gelu_tanh_grad_formula),
-                  "bias": (gelu_tanh_bias_formula, gelu_tanh_bias_grad_formula)}
+    return _compiled_pair("bias", _probe_bias)
 
 
 def _gelu_kernels(key: str):

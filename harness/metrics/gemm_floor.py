@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from .speed import sync
+
 # the ops that carry a model's multiply-adds, as the profiler names them: matrix multiplies,
 # convolutions, and SDPA's fused attention kernels (their two matmuls are inside them, and
 # harness.metrics.flops counts attention's multiply-adds); where one runs inside another (a
@@ -126,25 +128,21 @@ def _call(name: str, args: list) -> Callable[[], object]:
     raise ValueError(f"{name}: no overload takes {len(args)} arguments")
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
-def _seconds(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
-    sync()
+    sync(device)
     return time.perf_counter() - t0
 
 
 def replay_seconds(key: tuple, device: torch.device, repeats: int = 7, warmup: int = 2) -> float:
     """Median seconds of one call of ``key``, alone."""
-    fn, sync = _call(key[0], _args(key, device)), _sync(device)
+    fn = _call(key[0], _args(key, device))
     with torch.no_grad():
         for _ in range(warmup):
             fn()
-        sync()
-        return statistics.median(_seconds(fn, sync) for _ in range(repeats))
+        sync(device)
+        return statistics.median(_seconds(fn, device) for _ in range(repeats))
 
 
 def floors(steps: dict[str, Callable[[], object]], device: torch.device | str = "cpu",
@@ -163,7 +161,6 @@ def floors(steps: dict[str, Callable[[], object]], device: torch.device | str = 
     re-run, counted in every round by their in-step time).  A call several entries make
     is re-run once per round and counts alike for all of them."""
     device = torch.device(device)
-    sync = _sync(device)
     recorded = {name: record(step, device) for name, step in steps.items()}
     fns: dict = {}
     for calls, _ in recorded.values():
@@ -178,9 +175,9 @@ def floors(steps: dict[str, Callable[[], object]], device: torch.device | str = 
     runnable = {k: f for k, f in fns.items() if not isinstance(f, Exception)}
     per_round = {name: [] for name in steps}
     for _ in range(max(1, rounds)):
-        step_s = {name: _seconds(step, sync) for name, step in steps.items()}
+        step_s = {name: _seconds(step, device) for name, step in steps.items()}
         with torch.no_grad():
-            alone = {key: _seconds(fn, sync) for key, fn in runnable.items()}
+            alone = {key: _seconds(fn, device) for key, fn in runnable.items()}
         for name, (calls, in_step) in recorded.items():
             fl = sum(n * alone[k] if k in alone else in_step[k] for k, n in calls.items())
             per_round[name].append((step_s[name], fl))
@@ -206,6 +203,23 @@ def mfu_at_floor(rec: dict, mode: str) -> float:
     the peak).  Not MFU / share: the share is paired with the steps of the floor's own
     rounds, the MFU with the timed steps, and that mix read above 1 once."""
     return rec[f"{mode}_mfu"] * rec[f"{mode}_step_ms_median"] / rec[f"{mode}_gemm_floor_ms"]
+
+
+def add_mfu_at_floor(rec: dict) -> None:
+    """``<mode>_mfu_at_floor`` into a record, for each mode it has a floor and an MFU of."""
+    for mode in ("train", "infer"):
+        if f"{mode}_gemm_floor_ms" in rec and f"{mode}_mfu" in rec:
+            rec[f"{mode}_mfu_at_floor"] = mfu_at_floor(rec, mode)
+
+
+def as_metrics(prefix: str, f: dict) -> dict:
+    """A ``floors`` entry as flat ``<prefix>_gemm_*`` figures (ms), with the calls that could
+    not be re-run under ``<prefix>_gemm_in_step_only`` where there were any."""
+    out = {f"{prefix}_gemm_floor_ms": f["floor_s"] * 1e3, f"{prefix}_gemm_calls": f["calls"],
+           f"{prefix}_gemm_share": f["share"], f"{prefix}_gemm_step_ms": f["step_s"] * 1e3}
+    if f["in_step_only"]:
+        out[f"{prefix}_gemm_in_step_only"] = f["in_step_only"]
+    return out
 
 
 def floor(step: Callable[[], object], device: torch.device | str = "cpu", rounds: int = 3) -> dict:

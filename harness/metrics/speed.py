@@ -243,13 +243,8 @@ def floor_metrics(prefix: str, step, device: torch.device) -> dict:
     ``harness.metrics.gemm_floor``, in rounds with steps timed between them),
     ``<prefix>_gemm_share`` (the rounds' median floor / step), the step's median in those
     rounds, and the calls."""
-    from .gemm_floor import floor
-    f = floor(step, device)
-    out = {f"{prefix}_gemm_floor_ms": f["floor_s"] * 1e3, f"{prefix}_gemm_calls": f["calls"],
-           f"{prefix}_gemm_share": f["share"], f"{prefix}_gemm_step_ms": f["step_s"] * 1e3}
-    if f["in_step_only"]:
-        out[f"{prefix}_gemm_in_step_only"] = f["in_step_only"]
-    return out
+    from .gemm_floor import as_metrics, floor
+    return as_metrics(prefix, floor(step, device))
 
 
 def summarise(prefix: str, times: list[float], batch_size: int, tokens_per_sample: int) -> dict:

@@ -226,7 +226,7 @@ class BenchmarkTask(Task):
         import time
 
         from ..metrics import cpu_attention, cpu_gelu
-        from ..metrics.gemm_floor import mfu_at_floor
+        from ..metrics.gemm_floor import add_mfu_at_floor
         from ..metrics.peak import (OtherLoad, cached_peak, gemm_probe, mfu_metrics,
                                     paired_mfu_metrics, peak_for)
         from ..metrics.speed import SpeedOptions, measure_speed, set_threads
@@ -291,9 +291,7 @@ class BenchmarkTask(Task):
                                                  "just before and after it (the faster); median")
             if peak:
                 tags["bench.peak_method"] = peak.get("peak_method", "")
-            for m in ("train", "infer"):  # the MFU the step would have as its GEMMs alone
-                if f"{m}_gemm_floor_ms" in out and f"{m}_mfu" in out:
-                    out[f"{m}_mfu_at_floor"] = mfu_at_floor(out, m)
+            add_mfu_at_floor(out)  # the MFU the step would have as its GEMMs alone
         if o.floor:
             tags["bench.gemm_floor"] = ("every matrix multiply of one step re-run alone, summed "
                                         "(harness.metrics.gemm_floor); *_mfu_at_floor = model "
