@@ -84,6 +84,18 @@ def test_other_load_counts_only_other_processes(monkeypatch):
     assert other.cores == pytest.approx(1.0)
 
 
+@pytest.mark.skipif(not peak.os.path.exists("/proc/stat"), reason="needs Linux /proc")
+def test_other_load_leaves_out_this_jobs_own_child_processes():
+    """A child this process ran and waited for (as torch.compile runs its C++ compiler) is
+    the job's own work: about a core-second of it inside the block is not other load."""
+    import subprocess
+    import sys
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    with peak.OtherLoad() as other:
+        subprocess.run([sys.executable, "-c", burn], check=True)
+    assert other.cores < 0.5  # counted as another process's it reads about 1 core
+
+
 def test_other_load_without_proc_is_nan(monkeypatch):
     monkeypatch.setattr(peak, "_busy_jiffies", lambda: None)
     with peak.OtherLoad() as other:

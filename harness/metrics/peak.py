@@ -276,7 +276,8 @@ def mfu_metrics(speed: dict, gmacs_fwd_per_sample: float, peak_flops_per_s: floa
 
 class OtherLoad:
     """CPU use of *other* processes while a block runs, in cores (Linux /proc; else NaN):
-    (busy jiffies of the whole machine - this process's) / wall time.  Timings taken while
+    (busy jiffies of the whole machine - this process's and its finished children's, e.g.
+    the compiler torch.compile runs) / wall time.  Timings taken while
     this is well above 0 on a machine with few cores are not worth comparing.
 
         with OtherLoad() as other: ...time something...
@@ -307,8 +308,10 @@ def _busy_jiffies() -> int | None:
 
 
 def _own_jiffies() -> float:
+    """CPU time of this process and of its finished children (a C++ compiler that
+    torch.compile ran for us is this job's work, not another process's load)."""
     t = os.times()
-    return (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+    return (t.user + t.system + t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")
 
 
 def add_mfu(record: dict, device: torch.device | str, bf16: bool = False,
