@@ -107,3 +107,28 @@ def test_sdpas_fused_kernels_are_in_the_floor():
     assert any(n.endswith("_backward") for n in names)
     f = gemm_floor.floor(step, rounds=2)
     assert f["calls"] == 2 and f["in_step_only"] == [] and f["floor_s"] > 0
+
+
+def test_profiling_a_step_leaves_stderr_to_the_step(capfd):
+    """torch's Kineto prints a 'USDT:... profiler_start' and '... profiler_stop' line to fd 2
+    at every profiler start and stop; recording a step (and ``op_profile``) drops those two,
+    while what the step itself writes there, and any other line at start or stop, stays."""
+    import os
+
+    from harness.metrics import speed
+    x = torch.randn(16, 16)
+
+    def step():
+        os.write(2, b"the step's own line\n")
+        torch.mm(x, x)
+
+    calls, _ = gemm_floor.record(step)
+    speed.op_profile(step, torch.device("cpu"), steps=1)
+    assert sum(calls.values()) == 1
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "profiler_stop" not in err and "USDT" not in err
+    assert err.count("the step's own line\n") == 2
+    with speed._kineto_lines_dropped():
+        os.write(2, b"USDT:2026-12-04 04:28:28 6645:6645 SyncActivityProfilerHandler.cpp:52] "
+                    b"profiler_start\nan error of its own\n")
+    assert capfd.readouterr().err == "an error of its own\n"

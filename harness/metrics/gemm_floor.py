@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .speed import sync
+from .speed import profiled, sync
 
 # the ops that carry a model's multiply-adds, as the profiler names them: matrix multiplies,
 # convolutions, and SDPA's fused attention kernels (their two matmuls are inside them, and
@@ -73,10 +73,8 @@ def record(step: Callable[[], object], device: torch.device | str = "cpu") -> tu
     """(calls, in-step seconds per call): the GEMM calls of one ``step()``, counted by key
     (op, shapes, strides, dtypes, scalar arguments), and each key's summed time inside the
     step as the profiler saw it."""
-    from torch.profiler import ProfilerActivity, profile
     device = torch.device(device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts, record_shapes=True) as prof:
+    with profiled(device, record_shapes=True) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

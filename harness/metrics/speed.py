@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import statistics
 import threading
 import time
@@ -216,13 +217,57 @@ def time_and_memory(step, device: torch.device, warmup: int, steps: int,
     return times, mem, rates
 
 
+# what torch's Kineto writes to fd 2 at every profiler start and stop, whatever its log level
+# ("STAGE:... Completed Stage: Warm Up", "USDT:... profiler_start" / "profiler_stop")
+_KINETO_LINE = re.compile(r"^(STAGE|USDT):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _kineto_lines_dropped():
+    """fd 2 (C++ code writes there, not to ``sys.stderr``) captured for the block, then
+    written back without Kineto's start/stop lines: anything else still reaches stderr."""
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _KINETO_LINE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def profiled(device: torch.device, **kw):
+    """``torch.profiler.profile`` over the CPU (and CUDA on a GPU) for the block, without
+    the two lines its Kineto backend prints to stderr at every start and stop (the block's
+    own output is not touched: only starting and stopping are captured)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=acts, **kw)
+    with _kineto_lines_dropped():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _kineto_lines_dropped():
+            prof.__exit__(None, None, None)
+
+
 def op_profile(step, device: torch.device, steps: int, top: int = 15) -> list[dict]:
     """Where a step's time goes: self time per op (torch.profiler) over ``steps`` more steps,
     the ``top`` largest, each with its share of the summed self time (about the step's wall
     time: an op's OpenMP workers run while it waits).  Untimed: the profiler slows steps."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profiled(device) as prof:
         for _ in range(steps):
             step()
         sync(device)
