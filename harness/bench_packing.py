@@ -18,7 +18,11 @@ with each process's figures (``harness.processes``).
     fraction        = measured / ideal
 
 ``--paths`` also times every pack attention implementation available on the device (the
-measurement behind ``variants.navit.CPU_PACK_ATTENTION``).
+measurement behind ``variants.navit.CPU_PACK_ATTENTION``); ``--call-costs C ...`` instead
+times the grouped path at each call cost C (arms ``pack_cost<C>``: nearby image lengths share
+an attention call when padding them costs less than C; the measurement behind
+``variants.navit.GROUP_CALL_COST``).  Each arm is timed against pad, so its speedup and
+fraction of the ideal read as for pack.
 """
 from __future__ import annotations
 
@@ -93,6 +97,14 @@ def check_args(args: argparse.Namespace) -> None:
                           f"valid: {valid}")
     check_counts(("--processes", args.processes, 1), ("--steps", args.steps, 1),
                  ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1))
+    if args.call_costs is not None:
+        if args.paths:
+            raise ConfigError("--paths and --call-costs each choose the pack arms: give one")
+        if not args.call_costs or min(args.call_costs) < 0 or \
+                len(set(args.call_costs)) < len(args.call_costs):
+            raise ConfigError(f"--call-costs {' '.join(map(str, args.call_costs))}: expected "
+                              "one or more distinct costs >= 0 (units of n^2 attention work "
+                              "per image; 0 = one call per image length)")
     cpu_mkl.check()  # HARNESS_CPU_MKL bad, or asked for and not in effect
 
 
@@ -118,7 +130,13 @@ def run(args: argparse.Namespace) -> dict:
         impls = ["grouped", "loop", "dense_mask"] + (["flex"] if flex_available(device) else [])
         arms = {f"pack_{i}": {"batching": "pack", "attn_impl": i} for i in impls}
         arms["pad"] = {"batching": "pad"}
+    if args.call_costs:
+        arms = {f"pack_cost{c}": {"batching": "pack", "attn_impl": "grouped"}
+                for c in args.call_costs}
+        arms["pad"] = {"batching": "pad"}
     models = build_arms(args.variant, overrides, arms, device, args.seed)
+    for c in args.call_costs or []:
+        models[f"pack_cost{c}"].group_call_cost = c
     pack_name = "pack" if "pack" in models else next(iter(models))
 
     # token accounting from one eval forward per arm
@@ -143,6 +161,9 @@ def run(args: argparse.Namespace) -> dict:
            "pack_images_per_pack": stats[pack_name]["images_per_pack"],
            "pad_padding_fraction": stats["pad"]["padding_fraction"],
            "ideal_speedup": ideal}
+    for name in models:  # the grouped path's attention calls per block, where it ran
+        if "attn_calls_per_block" in stats[name]:
+            out[f"{name}_attn_calls_per_block"] = stats[name]["attn_calls_per_block"]
     for mode in ("train", "infer"):
         times = time_arms(models, images, labels, mode == "train", args.warmup, args.steps, device)
         med = {name: statistics.median(t) for name, t in times.items()}
@@ -183,6 +204,12 @@ def per_process(r: dict) -> list[str]:
     return out
 
 
+def attn_calls(r: dict) -> str:
+    """'arm n, ...': the grouped path's attention calls per block of each arm that ran it."""
+    return ", ".join(f"{a} {r[f'{a}_attn_calls_per_block']:g}" for a in timed_arms(r)
+                     if f"{a}_attn_calls_per_block" in r)
+
+
 def render(r: dict) -> str:
     arms = timed_arms(r)
     lines = [f"bench-packing: {r['variant']} (depth {r['depth']}, width {r['hidden_size']}) on "
@@ -193,6 +220,7 @@ def render(r: dict) -> str:
              f"{r['pack_padding_fraction']:.1%} ({r['pack_images_per_pack']:.1f} images/pack, "
              f"attention {r['pack_attn_path']}), pad {r['pad_padding_fraction']:.1%}",
              f"  ideal speedup (padded tokens / real tokens): {r['ideal_speedup']:.2f}x",
+             *([f"  grouped attention calls per block: {attn_calls(r)}"] if attn_calls(r) else []),
              f"  {'arm':<16}{'mode':<7}{'ms/step (min-max)':>24}{'images/s':>11}{'speedup':>9}"
              f"{'of ideal':>10}{'best-step speedup':>19}"]
     for mode in ("train", "infer"):
@@ -233,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
                    help="run the whole measurement in this many fresh processes, one after "
                         "another, and report medians over them with each process's figures")
     p.add_argument("--paths", action="store_true", help="also time each pack attention path")
+    p.add_argument("--call-costs", type=int, nargs="+", default=None, metavar="C",
+                   help="instead of pack: the grouped attention path at each of these call "
+                        "costs (variants.navit.GROUP_CALL_COST), one arm each")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -318,6 +349,9 @@ def render_report(r: dict) -> str:
         f"tokens/image {r['real_tokens_per_image']:.1f}",
         f"- padding: pack {r['pack_padding_fraction']:.1%} ({r['pack_images_per_pack']:.1f} "
         f"images/pack), pad {r['pad_padding_fraction']:.1%}",
+        *([f"- grouped attention calls per block (images of nearby lengths share one call "
+           f"where that is cheaper, `variants.navit.GROUP_CALL_COST`): {attn_calls(r)}"]
+          if attn_calls(r) else []),
         f"- **ideal speedup** = (real + padded tokens of pad) / real tokens = "
         f"**{r['ideal_speedup']:.2f}x**; target: pack reaches at least 80% of it",
         f"- method: {method}; train = forward + cross entropy + backward + AdamW (fused where "

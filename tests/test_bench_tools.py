@@ -29,6 +29,34 @@ def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsy
     assert f"this code at git `{git_sha()}`" in text  # which code made the figures
 
 
+def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
+    """--call-costs: one grouped pack arm per cost, each against pad; a cost of 0 makes one
+    attention call per image length, a huge one a single call, and the report says so."""
+    out = tmp_path / "costs" / "README.md"
+    assert bench_packing.main(["--depth", "1", "--batch-size", "12", "--max-size", "32",
+                               "--warmup", "0", "--steps", "1", "--call-costs", "0", "1000000000",
+                               "--device", "cpu", "--out", str(out)]) == 0
+    r = json.loads((out.parent / "results.json").read_text())
+    assert bench_packing.timed_arms(r) == ["pack_cost0", "pack_cost1000000000", "pad"]
+    assert r["pack_attn_path"] == "grouped"
+    assert r["pack_cost1000000000_attn_calls_per_block"] == 1
+    assert r["pack_cost0_attn_calls_per_block"] > 1  # 12 images of several lengths
+    for mode in ("train", "infer"):
+        assert r[f"pack_cost0_{mode}_fraction_of_ideal"] > 0
+    calls = f"pack_cost0 {r['pack_cost0_attn_calls_per_block']:g}, pack_cost1000000000 1"
+    assert f"`variants.navit.GROUP_CALL_COST`): {calls}" in out.read_text()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--call-costs", "0", "0"], "distinct costs >= 0"),
+    (["--call-costs", "-1"], "distinct costs >= 0"),
+    (["--call-costs", "0", "--paths"], "give one")])
+def test_packing_benchmark_bad_call_costs_stop_before_any_work(argv, says, capsys, tmp_path):
+    out = tmp_path / "costs" / "README.md"
+    assert bench_packing.main([*argv, "--device", "cpu", "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err and not out.parent.exists()
+
+
 def test_packing_benchmark_refuses_a_non_navit_variant(capsys):
     assert bench_packing.main(["--variant", "dit-s/2", "--device", "cpu"]) != 0
     assert "navit" in capsys.readouterr().err

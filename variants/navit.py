@@ -373,7 +373,8 @@ def grouped_order(lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[
 # 12, 64 images of 8-64 px at skew 2, 31 distinct lengths), costs alternated per step in one
 # process (a one-off script): 2048 makes 31 calls 12 and was 1.02x (24 rounds) and 1.04x
 # (14 rounds) faster than 0 for a train / inference step; 1024 and 4096 were within noise of
-# it; 65536 (4 calls) was slower (0.97x train).
+# it; 65536 (4 calls) was slower (0.97x train).  ``python -m harness.bench_packing --depth 12
+# --call-costs 0 1024 2048 4096 16384`` re-measures it (docs/speed.md has the Zen 4 run).
 GROUP_CALL_COST = 2048
 
 
@@ -567,6 +568,9 @@ class NaViT(Variant):
         self._coords: dict = {}     # (h, w, device) -> (y index, x index) of each patch
         self._stats = defaultdict(int)
         self._last_tokens: list[int] | None = None
+        # the grouped path's call cost for this instance (None: GROUP_CALL_COST); a speed
+        # knob with no effect on the outputs (``harness.bench_packing --call-costs`` sets it)
+        self.group_call_cost: float | None = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -706,8 +710,11 @@ class NaViT(Variant):
             x = tok.index_select(0, index_tensor(perm, device))  # (T, D)
             x = torch.cat([x, x.new_zeros(lay.padded, D)])[None]  # (1, B*L, D)
             # FLOP counting traces one call per length: the model's work, without bucket padding
-            cost = 0 if torch.jit.is_tracing() else GROUP_CALL_COST
+            cost = (0 if torch.jit.is_tracing() else
+                    GROUP_CALL_COST if self.group_call_cost is None else self.group_call_cost)
             ctx = AttnContext("grouped", buckets=make_buckets(groups, cost, device), tail=lay.padded)
+            self._stats["grouped_forwards"] += 1
+            self._stats["attn_calls"] += len(ctx.buckets)
             for block in self.blocks:
                 x = block(x, ctx)  # (1, B*L, D)
             pooled = self.pool.grouped(self.norm(x[0]), groups)  # (N, D), sorted order
@@ -758,7 +765,10 @@ class NaViT(Variant):
                 "dropped_tokens": float(s["dropped"]),
                 # tokens computed per real one: for the pad arm, the speedup a perfect
                 # packer would reach if cost were proportional to tokens (the ideal)
-                "tokens_per_real_token": (s["real"] + s["padded"]) / max(s["real"], 1)}
+                "tokens_per_real_token": (s["real"] + s["padded"]) / max(s["real"], 1),
+                # the grouped path's attention calls per block (nearby lengths share one)
+                **({"attn_calls_per_block": s["attn_calls"] / s["grouped_forwards"]}
+                   if s["grouped_forwards"] else {})}
 
     def tags(self) -> dict[str, str]:
         c = self.cfg
