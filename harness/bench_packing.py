@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import cpu_malloc, cpu_mkl
+from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate, set_threads
 
 
@@ -165,7 +167,10 @@ def run(args: argparse.Namespace) -> dict:
         if "attn_calls_per_block" in stats[name]:
             out[f"{name}_attn_calls_per_block"] = stats[name]["attn_calls_per_block"]
     for mode in ("train", "infer"):
-        times = time_arms(models, images, labels, mode == "train", args.warmup, args.steps, device)
+        with OtherLoad() as other:
+            times = time_arms(models, images, labels, mode == "train", args.warmup, args.steps, device)
+        if math.isfinite(other.cores):
+            out[f"{mode}_other_cpu_cores"] = other.cores
         med = {name: statistics.median(t) for name, t in times.items()}
         for name, t in times.items():
             out[f"{name}_{mode}_step_ms_median"] = med[name] * 1e3
@@ -236,11 +241,22 @@ def render(r: dict) -> str:
     if r.get("processes", 1) > 1:
         lines.append(f"  medians over {r['processes']} processes; of ideal per process:")
         lines += [f"    {line}" for line in per_process(r)]
-    if r["device"] == "cpu" and r["load_avg_1m"] > r["cpu_count"]:
-        lines.append(f"  warning: the machine was busy (load {r['load_avg_1m']:.1f} on "
-                     f"{r['cpu_count']} cores): step times are inflated, pack's more than pad's "
-                     "(more, smaller kernels); rerun on a quiet machine or with --threads 1")
+    busy = other_load(r)
+    if r["device"] == "cpu" and busy > BUSY_CORES:
+        lines.append(f"  warning: other processes used {busy:.2f} cores while steps were timed: "
+                     "step times are inflated, pack's more than pad's (more, smaller kernels); "
+                     "rerun on a quiet machine or with --threads 1")
     return "\n".join(lines)
+
+
+BUSY_CORES = 0.25  # other processes' load (cores) above which the timings are flagged
+
+
+def other_load(r: dict) -> float:
+    """The most CPU cores other processes used while either mode was timed (0 if unknown).
+    (The load average is no guide here: this benchmark's own threads raise it to about the
+    core count on a quiet machine.)"""
+    return max((r.get(f"{m}_other_cpu_cores", 0.0) for m in ("train", "infer")), default=0.0)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -341,7 +357,11 @@ def render_report(r: dict) -> str:
         f"- software: torch {hw['torch']} ({software_detail(hw)}), Python {hw['python']}, "
         f"this code at git `{hw.get('git_sha', '?')}`; malloc `{r.get('malloc', '')}` (harness/metrics/cpu_malloc.py)",
         f"- dense matmul peak measured in the same run: {peak}",
-        f"- load average (1 min, highest seen): {r['load_avg_1m']:.2f} on {r['cpu_count']} cores",
+        f"- load average (1 min, highest seen): {r['load_avg_1m']:.2f} on {r['cpu_count']} cores "
+        f"(this benchmark's own threads included); other processes' CPU use while steps were "
+        f"timed: train {r.get('train_other_cpu_cores', float('nan')):.2f} / infer "
+        f"{r.get('infer_other_cpu_cores', float('nan')):.2f} cores (0 = a quiet machine; "
+        f"the highest over the processes)",
         f"- model: {r['variant']}, depth {r['depth']}, width {r['hidden_size']}, same weights in "
         f"both arms; pack attention path `{r['pack_attn_path']}`",
         f"- images: {r['batch_size']} per step, sides {r['min_size']}-{r['max_size']} px "

@@ -27,6 +27,14 @@ def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsy
     assert f"{r['ideal_speedup']:.2f}x" in text and "peak measured in the same run" in text
     assert "python -m harness.bench_packing --depth 1" in text and "| pack | train |" in text
     assert f"this code at git `{git_sha()}`" in text  # which code made the figures
+    # other processes' load while timing: measured per mode and stated; the warning follows
+    # it, not the load average (which this benchmark's own threads raise to the core count)
+    assert all(r[f"{m}_other_cpu_cores"] >= 0 for m in ("train", "infer"))
+    assert "other processes' CPU use while steps were timed: train" in text
+    quiet = {**r, "load_avg_1m": 2.0 * r["cpu_count"], "train_other_cpu_cores": 0.0,
+             "infer_other_cpu_cores": 0.0}
+    assert "warning" not in bench_packing.render(quiet)
+    assert "other processes used 1.00 cores" in bench_packing.render({**quiet, "infer_other_cpu_cores": 1.0})
 
 
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
