@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -192,8 +193,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def timed_arms(r: dict) -> list[str]:
-    """The arm names of a ``run()`` record, sorted."""
-    return sorted({k[:-len("_train_step_ms_median")] for k in r if k.endswith("_train_step_ms_median")})
+    """The arm names of a ``run()`` record, sorted, numbers by value (pack_cost2048 before
+    pack_cost16384)."""
+    return sorted({k[:-len("_train_step_ms_median")] for k in r if k.endswith("_train_step_ms_median")},
+                  key=lambda a: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", a)])
 
 
 def per_process(r: dict) -> list[str]:

@@ -46,6 +46,8 @@ def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
                                "--device", "cpu", "--out", str(out)]) == 0
     r = json.loads((out.parent / "results.json").read_text())
     assert bench_packing.timed_arms(r) == ["pack_cost0", "pack_cost1000000000", "pad"]
+    assert bench_packing.timed_arms({f"pack_cost{c}_train_step_ms_median": 1.0 for c in (16384, 0, 2048)}) \
+        == ["pack_cost0", "pack_cost2048", "pack_cost16384"]  # costs in numeric order
     assert r["pack_attn_path"] == "grouped"
     assert r["pack_cost1000000000_attn_calls_per_block"] == 1
     assert r["pack_cost0_attn_calls_per_block"] > 1  # 12 images of several lengths
