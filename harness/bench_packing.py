@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import cpu_malloc, cpu_mkl
-from .metrics.peak import OtherLoad
+from .metrics.peak import BUSY_CORES, OtherLoad
 from .metrics.speed import adamw, alternate, set_threads
 
 
@@ -90,6 +90,19 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
     return alternate(steps_fn, device, warmup, rounds=steps, abba=True)
 
 
+def pack_arms(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """The pack arms' configurations: ``pack``; with ``--paths`` one per attention path
+    (``pack_<path>``); with ``--call-costs`` one grouped arm per cost, in their order
+    (``pack_cost<C>``, whose model ``run`` gives that cost)."""
+    if args.paths:
+        from variants.navit import flex_available
+        impls = ["grouped", "loop", "dense_mask"] + (["flex"] if flex_available(device) else [])
+        return {f"pack_{i}": {"batching": "pack", "attn_impl": i} for i in impls}
+    if args.call_costs:
+        return {f"pack_cost{c}": {"batching": "pack", "attn_impl": "grouped"} for c in args.call_costs}
+    return {"pack": {"batching": "pack"}}
+
+
 def check_args(args: argparse.Namespace) -> None:
     """ConfigError for a variant that is not NaViT or a count out of range, before any work."""
     from . import registry
@@ -127,19 +140,10 @@ def run(args: argparse.Namespace) -> dict:
                         args.skew, args.seed, device)
     labels = torch.randint(0, 10, (len(images),), generator=torch.Generator().manual_seed(1)).to(device)
     load_start = os.getloadavg()[0]
-    arms = {"pack": {"batching": "pack"}, "pad": {"batching": "pad"}}
-    if args.paths:
-        from variants.navit import flex_available
-        impls = ["grouped", "loop", "dense_mask"] + (["flex"] if flex_available(device) else [])
-        arms = {f"pack_{i}": {"batching": "pack", "attn_impl": i} for i in impls}
-        arms["pad"] = {"batching": "pad"}
-    if args.call_costs:
-        arms = {f"pack_cost{c}": {"batching": "pack", "attn_impl": "grouped"}
-                for c in args.call_costs}
-        arms["pad"] = {"batching": "pad"}
-    models = build_arms(args.variant, overrides, arms, device, args.seed)
-    for c in args.call_costs or []:
-        models[f"pack_cost{c}"].group_call_cost = c
+    pack = pack_arms(args, device)
+    models = build_arms(args.variant, overrides, {**pack, "pad": {"batching": "pad"}}, device, args.seed)
+    for name, cost in zip(pack, args.call_costs or []):  # --call-costs: one arm per cost, in order
+        models[name].group_call_cost = cost
     pack_name = "pack" if "pack" in models else next(iter(models))
 
     # token accounting from one eval forward per arm
@@ -228,7 +232,7 @@ def render(r: dict) -> str:
              f"{r['pack_padding_fraction']:.1%} ({r['pack_images_per_pack']:.1f} images/pack, "
              f"attention {r['pack_attn_path']}), pad {r['pad_padding_fraction']:.1%}",
              f"  ideal speedup (padded tokens / real tokens): {r['ideal_speedup']:.2f}x",
-             *([f"  grouped attention calls per block: {attn_calls(r)}"] if attn_calls(r) else []),
+             *([f"  grouped attention calls per block: {calls}"] if (calls := attn_calls(r)) else []),
              f"  {'arm':<16}{'mode':<7}{'ms/step (min-max)':>24}{'images/s':>11}{'speedup':>9}"
              f"{'of ideal':>10}{'best-step speedup':>19}"]
     for mode in ("train", "infer"):
@@ -252,14 +256,11 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-BUSY_CORES = 0.25  # other processes' load (cores) above which the timings are flagged
-
-
 def other_load(r: dict) -> float:
     """The most CPU cores other processes used while either mode was timed (0 if unknown).
     (The load average is no guide here: this benchmark's own threads raise it to about the
     core count on a quiet machine.)"""
-    return max((r.get(f"{m}_other_cpu_cores", 0.0) for m in ("train", "infer")), default=0.0)
+    return max(r.get("train_other_cpu_cores", 0.0), r.get("infer_other_cpu_cores", 0.0))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -373,8 +374,8 @@ def render_report(r: dict) -> str:
         f"- padding: pack {r['pack_padding_fraction']:.1%} ({r['pack_images_per_pack']:.1f} "
         f"images/pack), pad {r['pad_padding_fraction']:.1%}",
         *([f"- grouped attention calls per block (images of nearby lengths share one call "
-           f"where that is cheaper, `variants.navit.GROUP_CALL_COST`): {attn_calls(r)}"]
-          if attn_calls(r) else []),
+           f"where that is cheaper, `variants.navit.GROUP_CALL_COST`): {calls}"]
+          if (calls := attn_calls(r)) else []),
         f"- **ideal speedup** = (real + padded tokens of pad) / real tokens = "
         f"**{r['ideal_speedup']:.2f}x**; target: pack reaches at least 80% of it",
         f"- method: {method}; train = forward + cross entropy + backward + AdamW (fused where "

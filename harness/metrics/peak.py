@@ -274,6 +274,9 @@ def mfu_metrics(speed: dict, gmacs_fwd_per_sample: float, peak_flops_per_s: floa
     return out
 
 
+BUSY_CORES = 0.25  # other processes' load (OtherLoad, cores) above which timings are flagged
+
+
 class OtherLoad:
     """CPU use of *other* processes while a block runs, in cores (Linux /proc; else NaN):
     (busy jiffies of the whole machine - this process's and its finished children's, e.g.
