@@ -48,7 +48,7 @@ from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl, g
 from .metrics.kernel_choice import kernel_env
 from .metrics.peak import OtherLoad
 from .metrics.speed import adamw, alternate, paired_ratios, set_threads
-from .processes import merge_numbers, run_in_processes
+from .processes import interval_reads, merge_numbers, ratio_interval, run_in_processes
 from .tracking import cpu_model, git_sha
 
 PEER = "vit-pytorch"
@@ -392,7 +392,8 @@ def run_processes(args) -> dict:
     ratio moves between processes, for reasons not pinned down (each has its own heap and
     addresses): in two five-process runs on the Zen 4 of docs/speed.md, ViViT Model 2's ran
     from 1.004 to 1.056, its median 1.02 in one run and 1.04 in the other.  So one process
-    is one sample of the ratio, not the ratio."""
+    is one sample of the ratio, not the ratio, and the report gives the interval the
+    processes put the ratio in (``merge_processes``)."""
     runs = run_in_processes("harness.bench_peer", args.argv, args.processes)
     merged = merge_processes(runs)
     merged["command"] = kernel_env() + "python -m harness.bench_peer " + " ".join(args.argv)
@@ -402,8 +403,15 @@ def run_processes(args) -> dict:
 def merge_processes(runs: list[dict]) -> dict:
     """One record from several processes' records: each model's row merged by
     ``harness.processes.merge_numbers`` (medians over the processes, every process's ratios
-    and median step times kept as ``<key>_per_process``, rounds won summed)."""
+    and median step times kept as ``<key>_per_process``, rounds won summed), plus each
+    ratio's geometric mean over the processes and its 95% interval
+    (``<mode>_ratio_gmean``, ``_ci95_low``, ``_ci95_high``; ``processes.ratio_interval``)."""
     rows = [merge_numbers([r["rows"][i] for r in runs]) for i in range(len(runs[0]["rows"]))]
+    for row in rows:
+        for mode in ("train", "infer"):
+            g, lo, hi = ratio_interval(row[f"{mode}_ratio_per_process"])
+            row.update({f"{mode}_ratio_gmean": g, f"{mode}_ratio_ci95_low": lo,
+                        f"{mode}_ratio_ci95_high": hi})
     return {**runs[0], "rows": rows, "processes": len(runs),
             "load_avg_after": runs[-1]["load_avg_after"]}
 
@@ -473,6 +481,7 @@ def render_peer(r: dict) -> str:
                        row["infer_ratio_per_process"])
             lines.append(f"- {row['model']}: " + ", ".join(
                 f"{t:.3f} ({o:.0f} / {th:.0f}) / {i:.3f}" for t, o, th, i in each))
+        lines += render_between(r["rows"], n)
     lines += render_floor(r["rows"])
     lines += ["", "Configurations (ours; theirs adjusted to the same design, see "
               "`harness/bench_peer.py` `match_vivit` / `match_navit`):", ""]
@@ -480,6 +489,26 @@ def render_peer(r: dict) -> str:
         lines.append(f"- {row['model']}: `{json.dumps(row['config'], sort_keys=True)}`")
     lines += ["", "Parameter counts are equal by construction and checked before timing.", ""]
     return "\n".join(lines)
+
+
+def render_between(rows: list[dict], n: int) -> list[str]:
+    """The ratio over processes as an interval and what it shows, against the target
+    (ours / theirs >= 1.0); computed from the per-process ratios, so a record from before
+    the interval renders it too."""
+    lines = ["", f"Between processes: each process is one sample of the ratio, so the {n} "
+             "give its geometric mean and 95% interval (Student t over the log ratios, "
+             "`harness.processes.ratio_interval`). An interval above 1.0 shows ours faster, "
+             "below 1.0 theirs; one that holds 1.0 shows no difference at this many processes.",
+             "", "| model | train ratio (95% interval) | train: what it shows | "
+             "infer ratio (95% interval) | infer: what it shows |", "|---|---:|---|---:|---|"]
+    for row in rows:
+        cells = []
+        for mode in ("train", "infer"):
+            g, lo, hi = ratio_interval(row[f"{mode}_ratio_per_process"])
+            cells += [f"{g:.3f} ({lo:.3f}-{hi:.3f})",
+                      interval_reads(lo, hi, "ours faster", "theirs faster")]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render_floor(rows: list[dict]) -> list[str]:
@@ -649,7 +678,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.add_argument("--out", default=None, help="also write a Markdown report here and its JSON beside it")
+    p.add_argument("--render", default=None, metavar="RECORD",
+                   help="time nothing: render a saved peer record (a report's results.json) "
+                        "with this code's report, to stdout or --out")
     return p
+
+
+def load_record(path: str) -> dict:
+    """``--render``: a saved peer record, or ConfigError saying what is wrong with the file."""
+    from .errors import ConfigError
+    try:
+        r = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--render {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"--render {path}: not JSON ({e})") from None
+    if not isinstance(r, dict) or r.get("bench") != "peer" or not isinstance(r.get("rows"), list):
+        raise ConfigError(f"--render {path}: not a bench-peer record (a peer report's "
+                          "results.json, with \"bench\": \"peer\" and its rows)")
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -658,7 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv
     try:
-        r = run_overhead(args) if args.what == "overhead" else run_peer(args)
+        if args.render and args.what != "peer":
+            from .errors import ConfigError
+            raise ConfigError("--render renders a peer record; the overhead report has no "
+                              "saved-record renderer")
+        r = (load_record(args.render) if args.render else
+             run_overhead(args) if args.what == "overhead" else run_peer(args))
     except HarnessError as e:
         print(f"harness bench-peer: {e}", file=sys.stderr)
         return e.exit_code
@@ -673,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_peer(r) if args.what == "peer" else render_overhead_md(r, argv))
         name = "results.json" if out.name == "README.md" else f"{out.stem}.json"
-        (out.parent / name).write_text(json.dumps(r, indent=1, default=str) + "\n")
+        if not (args.render and (out.parent / name).resolve() == Path(args.render).resolve()):
+            (out.parent / name).write_text(json.dumps(r, indent=1, default=str) + "\n")
     return 0
 
 

@@ -9,6 +9,7 @@ its record as JSON, and merges them with ``merge_numbers``.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -74,3 +75,27 @@ def merge_numbers(records: list[dict]) -> dict:
         if k.endswith(PER_PROCESS):
             merged[f"{k}_per_process"] = vals
     return merged
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of per-process speed ratios: the 95% Student-t interval of
+    their mean log, mapped back, each process one sample (``low`` and ``high`` NaN for fewer
+    than two).  In logs, a ratio and its inverse are symmetric about 1.0, as ours / theirs
+    and theirs / ours should be."""
+    from .report import t95
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), float("nan"), float("nan")
+    half = t95(len(logs)) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def interval_reads(low: float, high: float, above: str, below: str) -> str:
+    """What a ratio's interval shows: ``above`` if it lies above 1.0, ``below`` if under, and
+    "no difference shown" where it holds 1.0 (or could not be formed)."""
+    if low > 1.0:
+        return above
+    if high < 1.0:
+        return below
+    return "no difference shown (the interval holds 1.0)"

@@ -2,6 +2,7 @@
 ratio, and the engine's overhead on a (short) trial."""
 import json
 import math
+import statistics
 
 import pytest
 
@@ -149,6 +150,59 @@ def test_peer_processes_merge_to_medians_and_keep_every_ratio():
     assert "1.100 (100 / 110) / 1.100, 1.000 (100 / 100) / 1.000, 1.200 (90 / 108) / 1.200" in text
     assert vivit["ours_train_step_ms_median_per_process"] == [100.0, 100.0, 90.0]
     assert "(6/9)" in text  # rounds won out of rounds x processes
+    # the interval over processes: three samples spread 1.0-1.2 show no difference
+    assert vivit["train_ratio_gmean"] == pytest.approx((1.1 * 1.0 * 1.2) ** (1 / 3))
+    assert vivit["train_ratio_ci95_low"] < 1.0 < vivit["train_ratio_ci95_high"]
+    assert "Between processes" in text and "| ViViT Model 2 | 1.097 (" in text
+    assert "no difference shown (the interval holds 1.0)" in text
+
+
+def test_ratio_interval_is_a_t_interval_of_the_log_ratios():
+    from scipy.stats import t
+    ratios = [1.05, 1.02, 1.04, 1.03]
+    g, lo, hi = processes.ratio_interval(ratios)
+    logs = [math.log(r) for r in ratios]
+    m = sum(logs) / 4
+    half = t.ppf(0.975, 3) * statistics.stdev(logs) / 2
+    assert (g, lo, hi) == pytest.approx((math.exp(m), math.exp(m - half), math.exp(m + half)))
+    assert processes.interval_reads(lo, hi, "ours faster", "theirs faster") == "ours faster"
+    # theirs / ours: the same interval inverted, so the verdict flips and nothing else
+    gi, loi, hii = processes.ratio_interval([1 / r for r in ratios])
+    assert (gi, loi, hii) == pytest.approx((1 / g, 1 / hi, 1 / lo))
+    assert processes.interval_reads(loi, hii, "ours faster", "theirs faster") == "theirs faster"
+    one = processes.ratio_interval([1.2])
+    assert one[0] == pytest.approx(1.2) and math.isnan(one[1]) and math.isnan(one[2])
+    assert processes.interval_reads(one[1], one[2], "a", "b").startswith("no difference shown")
+
+
+def test_peer_render_reads_a_saved_record_without_timing(tmp_path):
+    m = bench_peer.merge_processes([_peer_record([(100.0, 105.0), (50.0, 40.0)]),
+                                    _peer_record([(100.0, 104.0), (50.0, 41.0)]),
+                                    _peer_record([(100.0, 106.0), (50.0, 39.0)])])
+    saved = tmp_path / "old" / "results.json"
+    saved.parent.mkdir()
+    record = {**m, "command": "python -m harness.bench_peer --processes 3"}
+    saved.write_text(json.dumps(record))
+    out = tmp_path / "old" / "README.md"
+    assert bench_peer.main(["--render", str(saved), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text == bench_peer.render_peer(json.loads(saved.read_text()))
+    assert "| ViViT Model 2 | 1.050 (" in text and "| ours faster |" in text
+    assert "| theirs faster |" in text  # NaViT: 0.80, 0.82, 0.78
+    assert saved.read_text() == json.dumps(record)  # the record it read is left as it was
+
+
+@pytest.mark.parametrize("content, what, says", [
+    (None, [], "cannot read it"), ("{not json", [], "not JSON"),
+    ('{"bench": "packing", "rows": []}', [], "not a bench-peer record"),
+    ('{"bench": "peer", "rows": []}', ["overhead"], "renders a peer record")])
+def test_peer_render_refuses_what_is_not_a_peer_record(content, what, says, tmp_path, capsys):
+    saved = tmp_path / "results.json"
+    if content is not None:
+        saved.write_text(content)
+    out = tmp_path / "new" / "README.md"
+    assert bench_peer.main([*what, "--render", str(saved), "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err and not out.parent.exists()
 
 
 def test_peer_child_processes_drop_only_the_parent_options():
