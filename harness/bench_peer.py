@@ -502,13 +502,20 @@ def render_between(rows: list[dict], n: int) -> list[str]:
              "", "| model | train ratio (95% interval) | train: what it shows | "
              "infer ratio (95% interval) | infer: what it shows |", "|---|---:|---|---:|---|"]
     for row in rows:
-        cells = []
-        for mode in ("train", "infer"):
-            g, lo, hi = ratio_interval(row[f"{mode}_ratio_per_process"])
-            cells += [f"{g:.3f} ({lo:.3f}-{hi:.3f})",
-                      interval_reads(lo, hi, "ours faster", "theirs faster")]
-        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['model']} | " + " | ".join(interval_cells(row)) + " |")
     return lines
+
+
+def interval_cells(row: dict) -> list[str]:
+    """Train and inference: the ratio over the row's processes with its 95% interval, and
+    what that shows (one process: the ratio alone)."""
+    cells = []
+    for mode in ("train", "infer"):
+        g, lo, hi = ratio_interval(row.get(f"{mode}_ratio_per_process", [row[f"{mode}_ratio"]]))
+        cells += ([f"{g:.3f}", "one process: no interval"] if lo != lo else  # NaN: one process
+                  [f"{g:.3f} ({lo:.3f}-{hi:.3f})", interval_reads(lo, hi, "ours faster",
+                                                                   "theirs faster")])
+    return cells
 
 
 def render_floor(rows: list[dict]) -> list[str]:
@@ -678,9 +685,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.add_argument("--out", default=None, help="also write a Markdown report here and its JSON beside it")
-    p.add_argument("--render", default=None, metavar="RECORD",
+    p.add_argument("--render", nargs="+", default=None, metavar="RECORD",
                    help="time nothing: render a saved peer record (a report's results.json) "
-                        "with this code's report, to stdout or --out")
+                        "with this code's report, or of several records one summary of "
+                        "their ratios' intervals, to stdout or --out (Markdown only)")
     return p
 
 
@@ -699,18 +707,57 @@ def load_record(path: str) -> dict:
     return r
 
 
+def render_saved(args, argv: list[str]) -> int:
+    """``--render``: every record read and checked first (ConfigError, nothing written),
+    then one record's report, or several records' summary, to stdout or ``--out``."""
+    from .errors import ConfigError
+    if args.what != "peer":
+        raise ConfigError("--render renders peer records; the overhead report has no "
+                          "saved-record renderer")
+    records = [(path, load_record(path)) for path in args.render]
+    text = (render_peer(records[0][1]) if len(records) == 1 else
+            render_summary(records, "python -m harness.bench_peer " + " ".join(argv)))
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return 0
+
+
+def render_summary(records: list[tuple[str, dict]], command: str) -> str:
+    """Several saved peer records side by side: per record and model, each ratio's
+    geometric mean over the processes with its 95% interval and what it shows."""
+    lines = ["# Ours vs vit-pytorch: the ratio over processes, run by run", "",
+             "Rendered from saved records (no timing):", "", "```", command, "```", "",
+             "Each run's processes are its samples of the ratio (ours / theirs samples/s, "
+             "> 1: ours faster): the geometric mean over them and its 95% Student-t interval "
+             "(`harness.processes.ratio_interval`). An interval above 1.0 shows ours faster, "
+             "below 1.0 theirs; one that holds 1.0 shows no difference at that many "
+             "processes. A one-process run has no interval. Each run's own report (beside its "
+             "record) gives the machine's load, the kernel paths and every process's ratio.", "",
+             "| record | machine | code | processes | model | train ratio (95% interval) | "
+             "train: what it shows | infer ratio (95% interval) | infer: what it shows |",
+             "|---|---|---|---:|---|---:|---|---:|---|"]
+    for path, r in records:
+        hw = r.get("hardware", {})
+        machine = hw.get("cpu", "?") + (f", {hw['gpu']}" if hw.get("gpu") else "")
+        n = r.get("processes", 1)
+        for row in r["rows"]:
+            lines.append(f"| `{path}` | {machine} | `{hw.get('git_sha', '?')[:7]}` | {n} | "
+                         f"{row['model']} | " + " | ".join(interval_cells(row)) + " |")
+    return "\n".join(lines + [""])
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import HarnessError
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     args.argv = argv
     try:
-        if args.render and args.what != "peer":
-            from .errors import ConfigError
-            raise ConfigError("--render renders a peer record; the overhead report has no "
-                              "saved-record renderer")
-        r = (load_record(args.render) if args.render else
-             run_overhead(args) if args.what == "overhead" else run_peer(args))
+        if args.render:
+            return render_saved(args, argv)
+        r = run_overhead(args) if args.what == "overhead" else run_peer(args)
     except HarnessError as e:
         print(f"harness bench-peer: {e}", file=sys.stderr)
         return e.exit_code
@@ -725,8 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_peer(r) if args.what == "peer" else render_overhead_md(r, argv))
         name = "results.json" if out.name == "README.md" else f"{out.stem}.json"
-        if not (args.render and (out.parent / name).resolve() == Path(args.render).resolve()):
-            (out.parent / name).write_text(json.dumps(r, indent=1, default=str) + "\n")
+        (out.parent / name).write_text(json.dumps(r, indent=1, default=str) + "\n")
     return 0
 
 

@@ -98,4 +98,4 @@ def interval_reads(low: float, high: float, above: str, below: str) -> str:
         return above
     if high < 1.0:
         return below
-    return "no difference shown (the interval holds 1.0)"
+    return "no difference shown"

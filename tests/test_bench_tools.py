@@ -154,7 +154,7 @@ def test_peer_processes_merge_to_medians_and_keep_every_ratio():
     assert vivit["train_ratio_gmean"] == pytest.approx((1.1 * 1.0 * 1.2) ** (1 / 3))
     assert vivit["train_ratio_ci95_low"] < 1.0 < vivit["train_ratio_ci95_high"]
     assert "Between processes" in text and "| ViViT Model 2 | 1.097 (" in text
-    assert "no difference shown (the interval holds 1.0)" in text
+    assert "| no difference shown |" in text
 
 
 def test_ratio_interval_is_a_t_interval_of_the_log_ratios():
@@ -190,18 +190,33 @@ def test_peer_render_reads_a_saved_record_without_timing(tmp_path):
     assert "| ViViT Model 2 | 1.050 (" in text and "| ours faster |" in text
     assert "| theirs faster |" in text  # NaViT: 0.80, 0.82, 0.78
     assert saved.read_text() == json.dumps(record)  # the record it read is left as it was
+    # several records: one summary, a row per record and model; one process has no interval
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(_peer_record([(100.0, 90.0), (50.0, 50.0)])))
+    summary = tmp_path / "summary" / "README.md"
+    assert bench_peer.main(["--render", str(saved), str(single), "--out", str(summary)]) == 0
+    text = summary.read_text()
+    assert f"--render {saved} {single} --out {summary}" in text
+    assert text.count(f"| `{saved}` |") == 2 and text.count(f"| `{single}` |") == 2
+    assert "| 3 | ViViT Model 2 | 1.050 (" in text and "| ours faster |" in text
+    assert "| 1 | ViViT Model 2 | 0.900 | one process: no interval |" in text
+    assert sorted(p.name for p in summary.parent.iterdir()) == ["README.md"]  # Markdown only
 
 
 @pytest.mark.parametrize("content, what, says", [
     (None, [], "cannot read it"), ("{not json", [], "not JSON"),
     ('{"bench": "packing", "rows": []}', [], "not a bench-peer record"),
-    ('{"bench": "peer", "rows": []}', ["overhead"], "renders a peer record")])
+    ('{"bench": "peer", "rows": []}', ["overhead"], "renders peer records")])
 def test_peer_render_refuses_what_is_not_a_peer_record(content, what, says, tmp_path, capsys):
     saved = tmp_path / "results.json"
     if content is not None:
         saved.write_text(content)
     out = tmp_path / "new" / "README.md"
     assert bench_peer.main([*what, "--render", str(saved), "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err and not out.parent.exists()
+    good = tmp_path / "good.json"  # a good record before a bad one: still nothing written
+    good.write_text(json.dumps(_peer_record([(100.0, 90.0), (50.0, 50.0)])))
+    assert bench_peer.main([*what, "--render", str(good), str(saved), "--out", str(out)]) == 2
     assert says in capsys.readouterr().err and not out.parent.exists()
 
 
