@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -512,7 +513,7 @@ def interval_cells(row: dict) -> list[str]:
     cells = []
     for mode in ("train", "infer"):
         g, lo, hi = ratio_interval(row.get(f"{mode}_ratio_per_process", [row[f"{mode}_ratio"]]))
-        cells += ([f"{g:.3f}", "one process: no interval"] if lo != lo else  # NaN: one process
+        cells += ([f"{g:.3f}", "one process: no interval"] if math.isnan(lo) else
                   [f"{g:.3f} ({lo:.3f}-{hi:.3f})", interval_reads(lo, hi, "ours faster",
                                                                    "theirs faster")])
     return cells
@@ -707,22 +708,17 @@ def load_record(path: str) -> dict:
     return r
 
 
-def render_saved(args, argv: list[str]) -> int:
-    """``--render``: every record read and checked first (ConfigError, nothing written),
-    then one record's report, or several records' summary, to stdout or ``--out``."""
+def render_saved(args, argv: list[str]) -> str:
+    """``--render``: every record read and checked first (ConfigError, before anything is
+    written), then one record's report, or several records' summary."""
     from .errors import ConfigError
     if args.what != "peer":
         raise ConfigError("--render renders peer records; the overhead report has no "
                           "saved-record renderer")
     records = [(path, load_record(path)) for path in args.render]
-    text = (render_peer(records[0][1]) if len(records) == 1 else
-            render_summary(records, "python -m harness.bench_peer " + " ".join(argv)))
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-    return 0
+    if len(records) == 1:
+        return render_peer(records[0][1])
+    return render_summary(records, "python -m harness.bench_peer " + " ".join(argv))
 
 
 def render_summary(records: list[tuple[str, dict]], command: str) -> str:
@@ -755,8 +751,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv
     try:
-        if args.render:
-            return render_saved(args, argv)
+        if args.render:  # saved records: Markdown only, no record written
+            text = render_saved(args, argv)
+            print(text)
+            if args.out:
+                write_out(args.out, text)
+            return 0
         r = run_overhead(args) if args.what == "overhead" else run_peer(args)
     except HarnessError as e:
         print(f"harness bench-peer: {e}", file=sys.stderr)
@@ -768,12 +768,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render_peer(r))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render_peer(r) if args.what == "peer" else render_overhead_md(r, argv))
-        name = "results.json" if out.name == "README.md" else f"{out.stem}.json"
-        (out.parent / name).write_text(json.dumps(r, indent=1, default=str) + "\n")
+        write_out(args.out, render_peer(r) if args.what == "peer" else render_overhead_md(r, argv), r)
     return 0
+
+
+def write_out(path: str, text: str, record: dict | None = None) -> None:
+    """``--out``: the Markdown report, and the record, if any, as JSON beside it
+    (``results.json`` beside a ``README.md``, else ``<stem>.json``)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    if record is not None:
+        name = "results.json" if out.name == "README.md" else f"{out.stem}.json"
+        (out.parent / name).write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -82,12 +82,8 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
     their mean log, mapped back, each process one sample (``low`` and ``high`` NaN for fewer
     than two).  In logs, a ratio and its inverse are symmetric about 1.0, as ours / theirs
     and theirs / ours should be."""
-    from .report import t95
-    logs = [math.log(r) for r in ratios]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), float("nan"), float("nan")
-    half = t95(len(logs)) * statistics.stdev(logs) / math.sqrt(len(logs))
+    from .report import mean_ci  # the reports' mean ± t-interval, here over the logs
+    mean, half, _ = mean_ci([math.log(r) for r in ratios])  # half: NaN for one value
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
