@@ -48,7 +48,7 @@ from torch import nn
 from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl, gemm_floor
 from .metrics.kernel_choice import kernel_env
 from .metrics.peak import OtherLoad
-from .metrics.speed import adamw, alternate, paired_ratios, set_threads
+from .metrics.speed import SETTLED_FAULTS, adamw, alternate, paired_ratios, set_threads
 from .processes import interval_reads, merge_numbers, ratio_interval, run_in_processes
 from .tracking import cpu_model, git_sha
 
@@ -245,10 +245,12 @@ def make_step(model: nn.Module, inputs: tuple, labels: torch.Tensor, train: bool
 
 
 def race(arms: dict[str, nn.Module], inputs: tuple, labels: torch.Tensor, train: bool,
-         warmup: int, rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step of each arm; every round runs each arm once, in alternating order."""
+         warmup: int, rounds: int, device: torch.device, settle: int = 0,
+         faults: dict | None = None) -> dict[str, list[float]]:
+    """Seconds per step of each arm; every round runs each arm once, in alternating order,
+    once the shared heap has settled (``alternate``'s ``settle`` and ``faults``)."""
     steps = {name: make_step(m, inputs, labels, train) for name, m in arms.items()}
-    return alternate(steps, device, warmup, rounds, abba=True)
+    return alternate(steps, device, warmup, rounds, abba=True, settle=settle, faults=faults)
 
 
 def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch: int,
@@ -261,10 +263,16 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
     labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
     row = {"model": label, "params": po, "batch_size": batch, "config": config}
     for mode in ("train", "infer"):
+        faults: dict = {}
         with OtherLoad() as other:
             times = race({"ours": ours, "theirs": theirs}, inputs, labels, mode == "train",
-                         args.warmup, args.rounds, device)
+                         args.warmup, args.rounds, device, args.settle, faults)
         row[f"{mode}_other_cpu_cores"] = other.cores
+        row[f"{mode}_settle_rounds"] = faults["settle_rounds"]
+        row[f"{mode}_unsettled"] = int(not faults["settled"])  # summed over processes
+        for who, each in faults["per_step"].items():
+            row[f"{who}_{mode}_faults_median"] = statistics.median(each)
+            row[f"{who}_{mode}_faults_max"] = max(each)
         paired = paired_ratios(times["theirs"], times["ours"])  # > 1: ours faster that round
         row[f"{mode}_paired_ratio"] = statistics.median(paired)
         row[f"{mode}_rounds_faster"] = sum(p > 1 for p in paired)
@@ -332,7 +340,7 @@ def check_args(args) -> None:
     """ConfigError for a bad model list, a missing peer or a count out of range, before any work."""
     from .errors import check_counts
     check_counts(("--processes", args.processes, 1), ("--rounds", args.rounds, 1),
-                 ("--warmup", args.warmup, 0))
+                 ("--warmup", args.warmup, 0), ("--settle", args.settle, 0))
     cpu_mkl.check()  # HARNESS_CPU_MKL bad, or asked for and not in effect
     for name in {"na_vit" if m == "navit" else "vivit" for m in peer_models(args.models)}:
         peer_module(name)  # vit-pytorch installed?
@@ -380,7 +388,8 @@ def run_peer(args) -> dict:
             rows.append(compare("NaViT (packed)", ours, PeerNaViT(theirs, args.max_seq_len),
                                 (images,), args.images, args.classes, args, device, cfg))
     return {"bench": "peer", "peer": PEER, "peer_version": peer_version(), "device": str(device),
-            "rounds": args.rounds, "warmup": args.warmup, "load_avg_before": load_before,
+            "rounds": args.rounds, "warmup": args.warmup, "settle": args.settle,
+            "load_avg_before": load_before,
             "ours_cpu_linear": cpu_matmul.path(), "ours_cpu_gelu": cpu_gelu.path(),
             "ours_cpu_attention": cpu_attention.path(), "malloc": malloc,
             "load_avg_after": os.getloadavg(), "hardware": hardware(), "rows": rows,
@@ -423,8 +432,11 @@ def render_peer(r: dict) -> str:
     n = r.get("processes", 1)
     rounds = r["rounds"] * n
     many = n > 1
-    method = (f"{r['warmup']} warm-up steps each, then {r['rounds']} rounds alternating ours and "
-              "theirs (every other round in reverse order); median step time")
+    settle = (f", then up to {r['settle']} untimed rounds more until no step faulted in more "
+              f"than {SETTLED_FAULTS * 4 // 1024} MiB of new pages (the shared heap settled)"
+              if r.get("settle") else "")
+    method = (f"{r['warmup']} warm-up steps each{settle}, then {r['rounds']} rounds alternating "
+              "ours and theirs (every other round in reverse order); median step time")
     if many:
         method = (f"the whole comparison in {n} fresh processes, one after another, each: "
                   f"{method}; the table gives the median over the processes, the ratio's range "
@@ -483,6 +495,7 @@ def render_peer(r: dict) -> str:
             lines.append(f"- {row['model']}: " + ", ".join(
                 f"{t:.3f} ({o:.0f} / {th:.0f}) / {i:.3f}" for t, o, th, i in each))
         lines += render_between(r["rows"], n)
+    lines += render_settling(r["rows"], n)
     lines += render_floor(r["rows"])
     lines += ["", "Configurations (ours; theirs adjusted to the same design, see "
               "`harness/bench_peer.py` `match_vivit` / `match_navit`):", ""]
@@ -517,6 +530,28 @@ def interval_cells(row: dict) -> list[str]:
                   [f"{g:.3f} ({lo:.3f}-{hi:.3f})", interval_reads(lo, hi, "ours faster",
                                                                    "theirs faster")])
     return cells
+
+
+def render_settling(rows: list[dict], n: int) -> list[str]:
+    """``--settle``: the untimed rounds each mode took before its heap settled, and the
+    page faults in the timed steps, per side (nothing for a record from before it)."""
+    have = [row for row in rows if "train_settle_rounds" in row]
+    if not have:
+        return []
+    where = f" (per process: median, and how many of the {n} ran out of rounds unsettled)" \
+        if n > 1 else ""
+    lines = ["", f"Heap settling{where}, and the minor page faults per timed step, median "
+             "(most): a step that grows the heap pays one per 4 KiB page.", "",
+             "| model | mode | settling rounds | unsettled | faults ours | faults theirs |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in have:
+        for mode in ("train", "infer"):
+            lines.append(
+                f"| {row['model']} | {mode} | {row[f'{mode}_settle_rounds']:g} | "
+                f"{row[f'{mode}_unsettled']} | " + " | ".join(
+                    f"{row[f'{who}_{mode}_faults_median']:g} ({row[f'{who}_{mode}_faults_max']})"
+                    for who in ("ours", "theirs")) + " |")
+    return lines
 
 
 def render_floor(rows: list[dict]) -> list[str]:
@@ -650,6 +685,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="m2,m3,navit", help="comma list of m2, m3, navit")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each: ours and theirs)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--settle", type=int, default=10,
+                   help="after the warm-up, up to this many untimed rounds more, until no step "
+                        "faults in more than 1 MiB of new heap (0: none)")
     p.add_argument("--processes", type=int, default=1,
                    help="run the whole comparison in this many fresh processes, one after "
                         "another, and report medians over them (the ratio moves by a few %% "

@@ -15,7 +15,9 @@ import subprocess
 import sys
 
 # keys whose every process's value is kept (``<key>_per_process``) beside the merged one
-PER_PROCESS = ("_ratio", "_step_ms_median", "_fraction_of_ideal", "_speedup")
+PER_PROCESS = ("_ratio", "_step_ms_median", "_fraction_of_ideal", "_speedup", "_settle_rounds")
+# keys whose merged value is the sum over the processes (counts of rounds or of processes)
+SUMMED = ("_rounds_faster", "_unsettled")
 
 
 def child_argv(argv: list[str]) -> list[str]:
@@ -55,7 +57,7 @@ def _number(v) -> bool:
 def merge_numbers(records: list[dict]) -> dict:
     """One record from several processes' records of the same measurement.  Each number is
     the median over the processes (a value they all share stays as it is, an int an int),
-    except: ``*_rounds_faster`` the sum, ``*_min`` the lowest, ``*_max`` and other
+    except: ``SUMMED`` keys (``*_rounds_faster``, ``*_unsettled``) the sum, ``*_min`` the lowest, ``*_max`` and other
     processes' load (``*_other_cpu_cores``, ``load_avg_1m``) the highest.  Keys ending in
     one of ``PER_PROCESS``' suffixes also keep every process's value, in order, as
     ``<key>_per_process``.  Anything else is the first record's."""
@@ -64,7 +66,7 @@ def merge_numbers(records: list[dict]) -> dict:
         if not _number(v):
             continue
         vals = [r[k] for r in records]
-        if k.endswith("_rounds_faster"):
+        if k.endswith(SUMMED):
             merged[k] = sum(vals)
         elif k.endswith(("_max", "_other_cpu_cores")) or k == "load_avg_1m":
             merged[k] = max(vals)

@@ -139,29 +139,74 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
     return alternate({"step": step}, device, warmup, rounds=1, per_round=steps)["step"]
 
 
+# a step that faults in more new pages than this (1 MiB of 4 KiB pages) is still growing
+# the heap: ``alternate(settle=...)`` keeps warming up until no arm's step does
+SETTLED_FAULTS = 256
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (all threads); 0 where there is no
+    ``resource`` module (not Unix), so that settling ends after one round there."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_round: int = 1,
-              rewarm: bool = False, abba: bool = False) -> dict[str, list[float]]:
+              rewarm: bool = False, abba: bool = False, settle: int = 0,
+              faults: dict | None = None) -> dict[str, list[float]]:
     """Seconds per step of each arm (name -> step function), timed in ``rounds`` that take
     the arms in turn, ``per_round`` timed steps each, so a slow minute on a shared machine
     hits every arm alike.  ``rewarm``: one untimed step opens each turn (the caches the
-    previous arm left are not this arm's).  ``abba``: every other round in reverse order."""
+    previous arm left are not this arm's).  ``abba``: every other round in reverse order.
+
+    ``settle``: after the ``warmup`` steps, up to that many untimed rounds more, until one
+    in which no arm's step faulted in more than ``SETTLED_FAULTS`` new pages.  Arms that
+    share a process share its heap, and it goes on growing for some steps after the first
+    (glibc places each step's blocks a little differently); a step that grows it pays a
+    page fault per 4 KiB, which on the 2-core VM of docs/speed.md was 5-10% of a ViViT
+    training step for three steps after a two-step warm-up, and hit one arm more than the
+    other.  ``faults``, a dict, receives each timed step's page faults per arm
+    (``per_step``), the settling rounds run (``settle_rounds``) and whether the last of
+    them was quiet (``settled``; True where ``settle`` is 0)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     sync(device)
-    times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
+
+    def order(r: int) -> list[str]:
+        return names[::-1] if abba and r % 2 else names
+
+    settled, used = settle == 0, 0
+    while used < settle and not settled:
+        worst = 0
+        for name in order(used):
+            before = minor_faults()
+            steps[name]()
+            sync(device)
+            worst = max(worst, minor_faults() - before)
+        used += 1
+        settled = worst <= SETTLED_FAULTS
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    per_step: dict[str, list[int]] = {name: [] for name in steps}
     for r in range(rounds):
-        for name in (names[::-1] if abba and r % 2 else names):
+        for name in order(r):
             step = steps[name]
             if rewarm:
                 step()
                 sync(device)
             for _ in range(per_round):
+                before = minor_faults()
                 t0 = time.perf_counter()
                 step()
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
+                per_step[name].append(minor_faults() - before)
+    if faults is not None:
+        faults.update(per_step=per_step, settle_rounds=used, settled=settled)
     return times
 
 
