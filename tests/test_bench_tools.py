@@ -157,6 +157,57 @@ def test_peer_processes_merge_to_medians_and_keep_every_ratio():
     assert "| no difference shown |" in text
 
 
+def _growing_step(calls: int, keep: list):
+    """A step that maps 8 MiB of fresh anonymous memory, writes it and keeps it, for its
+    first ``calls`` calls (2048 new 4 KiB pages each time, whatever malloc holds free), then
+    touches nothing new."""
+    import mmap
+    size = 8 * 2**20
+    count = [0]
+
+    def step():
+        count[0] += 1
+        if count[0] <= calls:
+            m = mmap.mmap(-1, size)
+            m.write(b"\x01" * size)
+            keep.append(m)
+    return step
+
+
+def _thp_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_thp_always(), reason="transparent huge pages always on: a fresh 8 MiB "
+                    "faults in as four 2 MiB pages, under the settling threshold")
+def test_alternate_settles_once_no_arm_grows_the_heap_and_counts_faults_per_step():
+    import torch
+    from harness.metrics import speed
+    if speed.minor_faults() == 0:
+        pytest.skip("no page-fault counter here (no resource module)")
+    keep: list = []
+    log: dict = {}
+    steps = {"quiet": lambda: None, "grows": _growing_step(3, keep)}
+    times = speed.alternate(steps, torch.device("cpu"), warmup=0, rounds=2, abba=True,
+                            settle=10, faults=log)
+    assert log["settle_rounds"] == 4 and log["settled"]  # 3 rounds growing, then a quiet one
+    assert len(times["grows"]) == 2 and max(log["per_step"]["grows"]) <= speed.SETTLED_FAULTS
+    log.clear()
+    steps = {"quiet": lambda: None, "grows": _growing_step(100, keep)}
+    speed.alternate(steps, torch.device("cpu"), warmup=1, rounds=2, settle=3, faults=log)
+    assert log["settle_rounds"] == 3 and not log["settled"]  # ran out of rounds
+    assert min(log["per_step"]["grows"]) >= 2048 > max(log["per_step"]["quiet"])
+    log.clear()
+    speed.alternate({"quiet": lambda: None}, torch.device("cpu"), 0, 1, faults=log)
+    assert log["settle_rounds"] == 0 and log["settled"]  # settle=0: nothing asked
+    for m in keep:
+        m.close()
+
+
 def test_ratio_interval_is_a_t_interval_of_the_log_ratios():
     from scipy.stats import t
     ratios = [1.05, 1.02, 1.04, 1.03]
@@ -229,6 +280,7 @@ def test_peer_child_processes_drop_only_the_parent_options():
 @pytest.mark.parametrize("argv, says", [(["--models", "m2,m9"], "unknown m9"),
                                         (["--processes", "0"], "--processes must be >= 1"),
                                         (["--rounds", "0"], "--rounds must be >= 1"),
+                                        (["--settle", "-1"], "--settle must be >= 0"),
                                         (["--models", " , "], "unknown (empty)")])
 def test_peer_bad_arguments_stop_before_any_work(argv, says, capsys, tmp_path):
     out = tmp_path / "peer" / "README.md"
@@ -247,6 +299,10 @@ def test_merged_numbers_follow_their_kind():
     assert (m["x_step_ms_min"], m["x_step_ms_max"]) == (8.0, 15.0)
     assert m["train_rounds_faster"] == 6 and m["load_avg_1m"] == 1.5  # equal counts still add up
     assert m["flag"] is True and m["name"] == "a"  # not numbers: the first record's
+    s = processes.merge_numbers([{"train_unsettled": 1, "train_settle_rounds": 3, "cpu_count": 2},
+                                 {"train_unsettled": 0, "train_settle_rounds": 10, "cpu_count": 2}])
+    assert s["train_unsettled"] == 1 and s["cpu_count"] == 2  # a count of processes; a shared value
+    assert s["train_settle_rounds_per_process"] == [3, 10]
 
 
 def test_packing_benchmark_over_processes_reports_each(tmp_path):

@@ -366,8 +366,13 @@ def test_peer_report_from_several_processes(bp, tmp_path):
         assert len(each) == 2 and all(v > 0 for v in each)
         assert row[f"{mode}_ratio"] == pytest.approx(sum(each) / 2)  # median of two
         assert 0 <= row[f"{mode}_rounds_faster"] <= 4 and row[f"{mode}_paired_ratio"] > 0
+        assert len(row[f"{mode}_settle_rounds_per_process"]) == 2 and 0 <= row[f"{mode}_unsettled"] <= 2
+        assert all(1 <= k <= 10 for k in row[f"{mode}_settle_rounds_per_process"])  # --settle's default
+        for who in ("ours", "theirs"):
+            assert 0 <= row[f"{who}_{mode}_faults_median"] <= row[f"{who}_{mode}_faults_max"]
     text = out.read_text()
     assert "--processes 2" in text and "2 fresh processes" in text and "Per process, in the order" in text
+    assert "untimed rounds more until no step faulted" in text and "| ViViT Model 3 | train |" in text
     assert len(row["ours_train_step_ms_median_per_process"]) == 2
 
 
