@@ -166,9 +166,8 @@ def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_r
     in which no arm's step faulted in more than ``SETTLED_FAULTS`` new pages.  Arms that
     share a process share its heap, and it goes on growing for some steps after the first
     (glibc places each step's blocks a little differently); a step that grows it pays a
-    page fault per 4 KiB, which on the 2-core VM of docs/speed.md was 5-10% of a ViViT
-    training step for three steps after a two-step warm-up, and hit one arm more than the
-    other.  ``faults``, a dict, receives each timed step's page faults per arm
+    page fault per 4 KiB, and the arm whose step peaks higher pays more of them (docs/speed.md,
+    "Heap settling before the timed rounds").  ``faults``, a dict, receives each timed step's page faults per arm
     (``per_step``), the settling rounds run (``settle_rounds``) and whether the last of
     them was quiet (``settled``; True where ``settle`` is 0)."""
     for step in steps.values():
