@@ -687,7 +687,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--settle", type=int, default=10,
                    help="after the warm-up, up to this many untimed rounds more, until no step "
-                        "faults in more than 1 MiB of new heap (0: none)")
+                        f"faults in more than {SETTLED_FAULTS} new pages of heap (0: none)")
     p.add_argument("--processes", type=int, default=1,
                    help="run the whole comparison in this many fresh processes, one after "
                         "another, and report medians over them (the ratio moves by a few %% "

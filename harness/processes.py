@@ -57,8 +57,9 @@ def _number(v) -> bool:
 def merge_numbers(records: list[dict]) -> dict:
     """One record from several processes' records of the same measurement.  Each number is
     the median over the processes (a value they all share stays as it is, an int an int),
-    except: ``SUMMED`` keys (``*_rounds_faster``, ``*_unsettled``) the sum, ``*_min`` the lowest, ``*_max`` and other
-    processes' load (``*_other_cpu_cores``, ``load_avg_1m``) the highest.  Keys ending in
+    except: ``SUMMED`` keys (``*_rounds_faster``, ``*_unsettled``) the sum, ``*_min`` the
+    lowest, ``*_max`` and other processes' load (``*_other_cpu_cores``, ``load_avg_1m``)
+    the highest.  Keys ending in
     one of ``PER_PROCESS``' suffixes also keep every process's value, in order, as
     ``<key>_per_process``.  Anything else is the first record's."""
     merged = dict(records[0])

@@ -61,6 +61,13 @@ def write_study(path: Path, name: str = "tiny", *, variant: str = "vit-digits",
     return path
 
 
+def roundings(value: float, spec: str, rel: float) -> set[str]:
+    """``value`` formatted by ``spec`` as any value within ``rel`` of it may be: what a report
+    that rounds the full value can show, where a test holds only a CSV's rounded copy of it
+    (0.9715 in the CSV could be 0.971 in the table)."""
+    return {format(value * (1 + e), spec) for e in (-rel, 0.0, rel)}
+
+
 def run_cli(*args: str) -> int:
     return cli.main([str(a) for a in args])
 

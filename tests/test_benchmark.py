@@ -15,7 +15,7 @@ from harness.metrics.speed import SpeedOptions, measure_speed
 from harness.studies import load_study
 from harness.tasks.base import Budget, TrialContext, get_task
 
-from .conftest import run_cli
+from .conftest import roundings, run_cli
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 SPEED_STUDIES = ["speed_dit.yaml", "speed_vivit.yaml", "speed_packing.yaml", "speed_paths.yaml"]
@@ -423,14 +423,10 @@ def test_packing_study_reports_the_in_trial_ratio_beside_the_across_trial_one(tm
     row = lines[head + 4]  # title, blank, header, rule, then the skew-2 row
     assert row.startswith("| 2.0 | 1 | "), row
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # the table rounds the full value, the CSV holds 6 significant digits of it: the cell is
-    # the rounding of some value within the CSV's own rounding (0.9715 in the CSV could be
-    # 0.971 in the table)
-    def shown(value, spec):
-        return {format(value * (1 + e), spec) for e in (-5e-6, 0.0, 5e-6)}
-    assert cells[7] in shown(pack["train_speedup_vs_reference"], ".3g")
+    # the table rounds the full value, the CSV holds 6 significant digits of it
+    assert cells[7] in roundings(pack["train_speedup_vs_reference"], ".3g", 5e-6)
     judged = pack["train_speedup_vs_reference"] / pack["reference_tokens_per_real_token"]
-    assert cells[8] in shown(judged, ".0%")
+    assert cells[8] in roundings(judged, ".0%", 5e-6)
     assert cells[9].count("met") == 2 and " / " in cells[9]
     # a benchmark trains nothing: no empty loss-curve plot, and no link to one
     assert not (out / "loss_curves.png").exists() and "loss_curves.png" not in md
