@@ -8,8 +8,10 @@ One batch of images from a skewed resolution distribution (most small, a few lar
 by two copies of one model that differ only in ``batching``: "pack" (NaViT) and "pad" (each
 sequence padded to the longest, key-padding mask).  Train steps (forward, cross entropy,
 backward, AdamW: fused where torch has it, as in the studies) and inference are timed
-apart: warm-up steps, then timed steps alternating pack and pad, every other round in
-reverse order (so a change in background load hits both arms alike), median per arm.
+apart: warm-up steps, then (``--settle N``) up to N untimed rounds more until no step
+still grows the heap the arms share (docs/speed.md, "Heap settling"), then timed steps
+alternating pack and pad, every other round in reverse order (so a change in background load
+hits both arms alike), median per arm.
 ``--processes N`` repeats the whole measurement in N fresh processes and reports the medians
 with each process's figures (``harness.processes``).
 
@@ -40,7 +42,8 @@ import torch.nn.functional as F
 
 from .metrics import cpu_malloc, cpu_mkl
 from .metrics.peak import BUSY_CORES, OtherLoad
-from .metrics.speed import adamw, alternate, set_threads
+from .metrics.speed import (SETTLED_FAULTS, adamw, alternate, set_threads, settle_method,
+                            settling_fields, settling_table)
 
 
 def make_batch(n: int, in_channels: int, min_size: int, max_size: int, step: int, skew: float,
@@ -67,9 +70,11 @@ def build_arms(variant: str, overrides: dict, arms: dict[str, dict], device: tor
 
 
 def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, train: bool,
-              warmup: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+              warmup: int, steps: int, device: torch.device, settle: int = 0,
+              faults: dict | None = None) -> dict[str, list[float]]:
     """Seconds per step of each arm; timed steps alternate between arms, every other
-    round in reverse order."""
+    round in reverse order, once the heap the arms share has settled (``alternate``'s
+    ``settle`` and ``faults``)."""
     steps_fn = {}
     for name, model in models.items():
         if train:
@@ -87,7 +92,8 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
                 with torch.inference_mode():
                     model(images)
         steps_fn[name] = step
-    return alternate(steps_fn, device, warmup, rounds=steps, abba=True)
+    return alternate(steps_fn, device, warmup, rounds=steps, abba=True, settle=settle,
+                     faults=faults)
 
 
 def pack_arms(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
@@ -112,7 +118,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--variant {args.variant}: bench-packing times NaViT batching; "
                           f"valid: {valid}")
     check_counts(("--processes", args.processes, 1), ("--steps", args.steps, 1),
-                 ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1))
+                 ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1),
+                 ("--settle", args.settle, 0))
     if args.call_costs is not None:
         if args.paths:
             raise ConfigError("--paths and --call-costs each choose the pack arms: give one")
@@ -161,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
            "max_size": args.max_size, "patch_size": args.patch_size,
            "max_seq_len": args.max_seq_len, "depth": models["pad"].cfg.depth,
            "hidden_size": models["pad"].cfg.hidden_size, "threads": torch.get_num_threads(),
-           "warmup_steps": args.warmup, "timed_steps": args.steps,
+           "warmup_steps": args.warmup, "timed_steps": args.steps, "settle": args.settle,
            "real_tokens_per_image": real / args.batch_size,
            "pack_attn_path": models[pack_name].tags()["attn_path"],
            "pack_padding_fraction": stats[pack_name]["padding_fraction"],
@@ -172,8 +179,11 @@ def run(args: argparse.Namespace) -> dict:
         if "attn_calls_per_block" in stats[name]:
             out[f"{name}_attn_calls_per_block"] = stats[name]["attn_calls_per_block"]
     for mode in ("train", "infer"):
+        faults: dict = {}
         with OtherLoad() as other:
-            times = time_arms(models, images, labels, mode == "train", args.warmup, args.steps, device)
+            times = time_arms(models, images, labels, mode == "train", args.warmup, args.steps,
+                              device, args.settle, faults)
+        out.update(settling_fields(faults, mode))
         if math.isfinite(other.cores):
             out[f"{mode}_other_cpu_cores"] = other.cores
         med = {name: statistics.median(t) for name, t in times.items()}
@@ -233,6 +243,9 @@ def render(r: dict) -> str:
              f"attention {r['pack_attn_path']}), pad {r['pad_padding_fraction']:.1%}",
              f"  ideal speedup (padded tokens / real tokens): {r['ideal_speedup']:.2f}x",
              *([f"  grouped attention calls per block: {calls}"] if (calls := attn_calls(r)) else []),
+             *([f"  heap settled after {r['train_settle_rounds']:g} (train) / "
+                f"{r['infer_settle_rounds']:g} (infer) untimed rounds; unsettled: "
+                f"{r['train_unsettled']} / {r['infer_unsettled']}"] if "train_settle_rounds" in r else []),
              f"  {'arm':<16}{'mode':<7}{'ms/step (min-max)':>24}{'images/s':>11}{'speedup':>9}"
              f"{'of ideal':>10}{'best-step speedup':>19}"]
     for mode in ("train", "infer"):
@@ -276,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens per pack")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--settle", type=int, default=10,
+                   help="after the warm-up, up to this many untimed rounds more, until no step "
+                        f"faults in more than {SETTLED_FAULTS} new pages of heap (0: none)")
     p.add_argument("--steps", type=int, default=7, help="timed steps per arm (median)")
     p.add_argument("--processes", type=int, default=1,
                    help="run the whole measurement in this many fresh processes, one after "
@@ -345,7 +361,8 @@ def render_report(r: dict) -> str:
                         + (f"{sp:.2f}x | **{r[f'{a}_{mode}_fraction_of_ideal']:.0%}**{spread} |"
                            if sp is not None else "- | - |"))
     n = r.get("processes", 1)
-    method = (f"{r['warmup_steps']} warm-up steps, then {r['timed_steps']} timed steps per arm, "
+    method = (f"{r['warmup_steps']} warm-up steps{settle_method(r.get('settle', 0))}, then "
+              f"{r['timed_steps']} timed steps per arm, "
               "alternating arms (every other round in reverse order); median")
     if n > 1:
         method = (f"the whole measurement in {n} fresh processes, one after another, each: "
@@ -380,7 +397,7 @@ def render_report(r: dict) -> str:
         f"**{r['ideal_speedup']:.2f}x**; target: pack reaches at least 80% of it",
         f"- method: {method}; train = forward + cross entropy + backward + AdamW (fused where "
         "torch has it, lr 1e-4, no weight decay)", "",
-        *rows, *tail])
+        *rows, *settling_table([(r["variant"], r)], tuple(arms), n, first="variant"), *tail])
 
 
 if __name__ == "__main__":

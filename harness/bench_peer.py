@@ -48,7 +48,8 @@ from torch import nn
 from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl, gemm_floor
 from .metrics.kernel_choice import kernel_env
 from .metrics.peak import OtherLoad
-from .metrics.speed import SETTLED_FAULTS, adamw, alternate, paired_ratios, set_threads
+from .metrics.speed import (SETTLED_FAULTS, adamw, alternate, paired_ratios, set_threads,
+                            settle_method, settling_fields, settling_table)
 from .processes import interval_reads, merge_numbers, ratio_interval, run_in_processes
 from .tracking import cpu_model, git_sha
 
@@ -268,11 +269,7 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
             times = race({"ours": ours, "theirs": theirs}, inputs, labels, mode == "train",
                          args.warmup, args.rounds, device, args.settle, faults)
         row[f"{mode}_other_cpu_cores"] = other.cores
-        row[f"{mode}_settle_rounds"] = faults["settle_rounds"]
-        row[f"{mode}_unsettled"] = int(not faults["settled"])  # summed over processes
-        for who, each in faults["per_step"].items():
-            row[f"{who}_{mode}_faults_median"] = statistics.median(each)
-            row[f"{who}_{mode}_faults_max"] = max(each)
+        row.update(settling_fields(faults, mode))
         paired = paired_ratios(times["theirs"], times["ours"])  # > 1: ours faster that round
         row[f"{mode}_paired_ratio"] = statistics.median(paired)
         row[f"{mode}_rounds_faster"] = sum(p > 1 for p in paired)
@@ -432,9 +429,7 @@ def render_peer(r: dict) -> str:
     n = r.get("processes", 1)
     rounds = r["rounds"] * n
     many = n > 1
-    settle = (f", then up to {r['settle']} untimed rounds more until no step faulted in more "
-              f"than {SETTLED_FAULTS * 4 // 1024} MiB of new pages (the shared heap settled)"
-              if r.get("settle") else "")
+    settle = settle_method(r.get("settle", 0))
     method = (f"{r['warmup']} warm-up steps each{settle}, then {r['rounds']} rounds alternating "
               "ours and theirs (every other round in reverse order); median step time")
     if many:
@@ -495,7 +490,7 @@ def render_peer(r: dict) -> str:
             lines.append(f"- {row['model']}: " + ", ".join(
                 f"{t:.3f} ({o:.0f} / {th:.0f}) / {i:.3f}" for t, o, th, i in each))
         lines += render_between(r["rows"], n)
-    lines += render_settling(r["rows"], n)
+    lines += settling_table([(row["model"], row) for row in r["rows"]], ("ours", "theirs"), n)
     lines += render_floor(r["rows"])
     lines += ["", "Configurations (ours; theirs adjusted to the same design, see "
               "`harness/bench_peer.py` `match_vivit` / `match_navit`):", ""]
@@ -530,28 +525,6 @@ def interval_cells(row: dict) -> list[str]:
                   [f"{g:.3f} ({lo:.3f}-{hi:.3f})", interval_reads(lo, hi, "ours faster",
                                                                    "theirs faster")])
     return cells
-
-
-def render_settling(rows: list[dict], n: int) -> list[str]:
-    """``--settle``: the untimed rounds each mode took before its heap settled, and the
-    page faults in the timed steps, per side (nothing for a record from before it)."""
-    have = [row for row in rows if "train_settle_rounds" in row]
-    if not have:
-        return []
-    where = f" (per process: median, and how many of the {n} ran out of rounds unsettled)" \
-        if n > 1 else ""
-    lines = ["", f"Heap settling{where}, and the minor page faults per timed step, median "
-             "(most): a step that grows the heap pays one per 4 KiB page.", "",
-             "| model | mode | settling rounds | unsettled | faults ours | faults theirs |",
-             "|---|---|---:|---:|---:|---:|"]
-    for row in have:
-        for mode in ("train", "infer"):
-            lines.append(
-                f"| {row['model']} | {mode} | {row[f'{mode}_settle_rounds']:g} | "
-                f"{row[f'{mode}_unsettled']} | " + " | ".join(
-                    f"{row[f'{who}_{mode}_faults_median']:g} ({row[f'{who}_{mode}_faults_max']})"
-                    for who in ("ours", "theirs")) + " |")
-    return lines
 
 
 def render_floor(rows: list[dict]) -> list[str]:

@@ -36,6 +36,18 @@ def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsy
              "infer_other_cpu_cores": 0.0}
     assert "warning" not in bench_packing.render(quiet)
     assert "other processes used 1.00 cores" in bench_packing.render({**quiet, "infer_other_cpu_cores": 1.0})
+    # --settle (default 10): settling rounds and page faults per timed step, per arm and mode
+    assert r["settle"] == 10 and "(the shared heap settled)" in text
+    for mode in ("train", "infer"):
+        assert 0 <= r[f"{mode}_settle_rounds"] <= 10 and r[f"{mode}_unsettled"] in (0, 1)
+        assert r[f"{mode}_unsettled"] == 0 or r[f"{mode}_settle_rounds"] == 10  # ran out of rounds
+        for arm in ("pack", "pad"):
+            assert 0 <= r[f"{arm}_{mode}_faults_median"] <= r[f"{arm}_{mode}_faults_max"]
+        assert (f"| {r['variant']} | {mode} | {r[f'{mode}_settle_rounds']:g} | "
+                f"{r[f'{mode}_unsettled']} | {r[f'pack_{mode}_faults_median']:g} "
+                f"({r[f'pack_{mode}_faults_max']}) |") in text
+    assert "| variant | mode | settling rounds | unsettled | faults pack | faults pad |" in text
+    assert f"heap settled after {r['train_settle_rounds']:g} (train)" in bench_packing.render(r)
 
 
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
@@ -308,9 +320,12 @@ def test_merged_numbers_follow_their_kind():
 def test_packing_benchmark_over_processes_reports_each(tmp_path):
     out = tmp_path / "packing" / "README.md"
     assert bench_packing.main(["--depth", "1", "--batch-size", "8", "--max-size", "16",
-                               "--warmup", "1", "--steps", "1", "--processes", "2",
+                               "--warmup", "1", "--steps", "1", "--processes", "2", "--settle", "0",
                                "--device", "cpu", "--out", str(out)]) == 0
     r = json.loads((out.parent / "results.json").read_text())
+    # --settle 0: no settling rounds in either process, none left unsettled
+    assert r["train_settle_rounds_per_process"] == [0, 0] and r["train_unsettled"] == 0
+    assert "untimed rounds more" not in out.read_text()
     each = r["pack_train_fraction_of_ideal_per_process"]
     assert r["processes"] == 2 and len(each) == 2
     assert r["pack_train_fraction_of_ideal"] == pytest.approx(sum(each) / 2)  # median of two
@@ -320,7 +335,8 @@ def test_packing_benchmark_over_processes_reports_each(tmp_path):
 
 
 @pytest.mark.parametrize("argv, says", [(["--processes", "0"], "--processes must be >= 1"),
-                                        (["--steps", "0"], "--steps must be >= 1")])
+                                        (["--steps", "0"], "--steps must be >= 1"),
+                                        (["--settle", "-1"], "--settle must be >= 0")])
 def test_packing_benchmark_bad_counts_stop_before_any_work(argv, says, capsys, tmp_path):
     out = tmp_path / "packing" / "README.md"
     assert bench_packing.main([*argv, "--device", "cpu", "--out", str(out)]) == 2

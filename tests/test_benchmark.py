@@ -169,8 +169,13 @@ def test_reference_times_a_pad_copy_in_turn_and_reports_paired_speedups(tmp_path
                   f"{mode}_reference_step_ms_median"):
             assert k in task.metrics and math.isfinite(out[k]) and out[k] > 0, k
         assert 0 <= out[f"{mode}_rounds_won_vs_reference"] <= 1
+        # reference_settle (default 10): untimed rounds until neither step grows the heap
+        settled = (out[f"{mode}_reference_settle_rounds"], out[f"{mode}_reference_unsettled"])
+        assert f"{mode}_reference_settle_rounds" in task.metrics and settled[1] in (0, 1)
+        assert 0 <= settled[0] <= 10 and (settled[1] == 0 or settled[0] == 10)
     assert tags["bench.reference"] == '{"batching": "pad"}'
     assert tags["bench.reference_weights"] == "shared" and "3 rounds" in tags["bench.reference_rule"]
+    assert "up to 10 untimed rounds more" in tags["bench.reference_rule"]
     # the trial's own figures stay its own (pack pads little); the reference's are pad's
     assert out["padding_fraction"] < out["reference_padding_fraction"]
     task, ctx, _, pad_tags = make_ctx(tmp_path, "navit-ti", {**TINY_NAVIT, "batching": "pad"},
@@ -186,8 +191,10 @@ def test_reference_speedup_points_the_right_way(tmp_path):
     above 1 (and the reference, having other parameters, keeps its own init)."""
     task, ctx, _, tags = make_ctx(tmp_path, "dit-s/2", {**TINY_DIT, "hidden_size": 64},
                                   {"batch_size": 4, "warmup": 1, "steps": 3, "measure_peak": False,
-                                   "reference": {"depth": 4}})
+                                   "reference": {"depth": 4}, "reference_settle": 0})
     out = task.run(ctx)
+    assert out["train_reference_settle_rounds"] == 0 and out["train_reference_unsettled"] == 0
+    assert "untimed rounds more" not in tags["bench.reference_rule"]
     assert out["train_speedup_vs_reference"] > 1.5 and out["infer_speedup_vs_reference"] > 1.5
     assert out["train_rounds_won_vs_reference"] == 1.0
     assert tags["bench.reference_weights"].startswith("own init")
@@ -199,7 +206,7 @@ def test_bad_reference_options_are_refused_before_any_store(tmp_path):
     from harness.errors import ConfigError, StudyError
     task = get_task("benchmark")()
     for bad in ({"reference": {}}, {"reference": [1]}, {"reference": {"depth": 2}, "compile": True},
-                {"reference_rounds": -1}):
+                {"reference_rounds": -1}, {"reference_settle": -1}):
         with pytest.raises(ConfigError):
             registry.make_config(task.Options, bad)
     raw = yaml.safe_load((STUDIES / "speed_packing.yaml").read_text())

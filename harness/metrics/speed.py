@@ -210,6 +210,53 @@ def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_r
     return times
 
 
+def settling_fields(faults: dict, mode: str) -> dict:
+    """A record's fields for one mode's ``alternate(..., faults=)``: ``<mode>_settle_rounds``
+    (kept per process when merged), ``<mode>_unsettled`` (1 where the rounds ran out; summed
+    over processes) and each arm's page faults per timed step, ``<arm>_<mode>_faults_median``
+    and ``_max``."""
+    out = {f"{mode}_settle_rounds": faults["settle_rounds"],
+           f"{mode}_unsettled": int(not faults["settled"])}
+    for arm, each in faults["per_step"].items():
+        out[f"{arm}_{mode}_faults_median"] = statistics.median(each)
+        out[f"{arm}_{mode}_faults_max"] = max(each)
+    return out
+
+
+def settle_method(settle: int) -> str:
+    """The method line's clause for ``settle`` rounds ('' for none)."""
+    return (f", then up to {settle} untimed rounds more until no step faulted in more than "
+            f"{SETTLED_FAULTS * 4 // 1024} MiB of new pages (the shared heap settled)"
+            if settle else "")
+
+
+def settling_table(rows: list[tuple[str, dict]], arms: tuple[str, ...], n: int,
+                   first: str = "model") -> list[str]:
+    """Markdown lines: per (label, record) and mode, the settling rounds, the processes left
+    unsettled and each arm's page faults per timed step, median (most); nothing where no
+    record has them (one from before ``settle``)."""
+    have = [(label, row) for label, row in rows if "train_settle_rounds" in row]
+    if not have:
+        return []
+    where = f" (per process: median, and how many of the {n} ran out of rounds unsettled)" \
+        if n > 1 else ""
+    lines = ["", f"Heap settling{where}, and the minor page faults per timed step, median "
+             "(most): a step that grows the heap pays one per 4 KiB page.", "",
+             f"| {first} | mode | settling rounds | unsettled | "
+             + " | ".join(f"faults {a}" for a in arms) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(arms)]
+    for label, row in have:
+        for mode in ("train", "infer"):
+            if f"{mode}_settle_rounds" not in row:
+                continue
+            lines.append(
+                f"| {label} | {mode} | {row[f'{mode}_settle_rounds']:g} | "
+                f"{row[f'{mode}_unsettled']} | " + " | ".join(
+                    f"{row[f'{a}_{mode}_faults_median']:g} ({row[f'{a}_{mode}_faults_max']})"
+                    for a in arms) + " |")
+    return lines
+
+
 def paired_ratios(base: list[float], times: list[float], per_round: int = 1) -> list[float]:
     """Per round, the base arm's median step time over this arm's: a speed ratio taken
     within one round, so the machine's drift between rounds cancels."""

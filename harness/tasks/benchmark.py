@@ -61,6 +61,8 @@ class BenchmarkOptions:
                                      # {batching: pad}), timed in turn with this one on the
                                      # same batch, in this process: *_speedup_vs_reference
     reference_rounds: int = 0        # rounds of that alternation (0: steps)
+    reference_settle: int = 10       # untimed rounds of it, at most, after the warm-up, until no
+                                     # step grows the heap the two share (speed.alternate)
     floor: bool = False              # also each step's GEMM floor (its matrix multiplies re-run
                                      # alone, summed: harness.metrics.gemm_floor), its share of
                                      # the step, and the MFU at the floor
@@ -88,6 +90,9 @@ class BenchmarkOptions:
                                   "alternation times eager models); drop one of them")
         if self.reference_rounds < 0:
             raise ConfigError(f"reference_rounds must be >= 0 (0: steps), got {self.reference_rounds}")
+        if self.reference_settle < 0:
+            raise ConfigError(f"reference_settle must be >= 0 (0: no settling rounds), got "
+                              f"{self.reference_settle}")
 
 
 def bench_inputs(ctx: TrialContext, opts: BenchmarkOptions) -> tuple:
@@ -119,7 +124,7 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
 
     from .. import registry
     from ..metrics.speed import (adamw, alternate, channels_last_model, make_infer_step,
-                                 make_train_step, paired_ratios)
+                                 make_train_step, paired_ratios, settle_method)
     own_cfg = registry.config_dict(ctx.model_cfg)
     over = {**own_cfg, **o.reference}
     if over == own_cfg:
@@ -154,7 +159,11 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
             else:
                 m.eval()
                 steps[name] = make_infer_step(m, inputs, device, o.bf16, o.attention)
-        times = alternate(steps, device, o.warmup, rounds=rounds, abba=True)
+        faults: dict = {}
+        times = alternate(steps, device, o.warmup, rounds=rounds, abba=True,
+                          settle=o.reference_settle, faults=faults)
+        out[f"{mode}_reference_settle_rounds"] = faults["settle_rounds"]
+        out[f"{mode}_reference_unsettled"] = int(not faults["settled"])
         ratios = paired_ratios(times["reference"], times["own"])
         out[f"{mode}_speedup_vs_reference"] = statistics.median(ratios)
         out[f"{mode}_rounds_won_vs_reference"] = sum(r > 1 for r in ratios) / len(ratios)
@@ -164,8 +173,9 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
     tags = {"bench.reference": json.dumps(o.reference, sort_keys=True, default=str),
             "bench.reference_weights": weights,
             "bench.reference_rule": (f"{rounds} rounds, one step of each per round (every other "
-                                     f"round reversed) after {o.warmup} warm-up steps each; "
-                                     "median over rounds of reference step / own step")}
+                                     f"round reversed) after {o.warmup} warm-up steps each"
+                                     f"{settle_method(o.reference_settle)}; median over rounds "
+                                     "of reference step / own step")}
     return out, tags
 
 
@@ -194,6 +204,8 @@ class BenchmarkTask(Task):
                "train_rounds_won_vs_reference", "infer_rounds_won_vs_reference",
                "train_ab_step_ms_median", "infer_ab_step_ms_median",
                "train_reference_step_ms_median", "infer_reference_step_ms_median",
+               "train_reference_settle_rounds", "infer_reference_settle_rounds",
+               "train_reference_unsettled", "infer_reference_unsettled",
                "train_gemm_floor_ms", "infer_gemm_floor_ms", "train_gemm_share",
                "infer_gemm_share", "train_gemm_calls", "infer_gemm_calls",
                "train_mfu_at_floor", "infer_mfu_at_floor", "train_gemm_step_ms",
