@@ -48,6 +48,11 @@ def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsy
                 f"({r[f'pack_{mode}_faults_max']}) |") in text
     assert "| variant | mode | settling rounds | unsettled | faults pack | faults pad |" in text
     assert f"heap settled after {r['train_settle_rounds']:g} (train)" in bench_packing.render(r)
+    # a record from before --settle renders as it did: no settling clause, table or line
+    old = {k: v for k, v in r.items() if "settle" not in k and not k.endswith(("_faults_median",
+                                                                                "_faults_max"))}
+    assert "Heap settling" not in bench_packing.render_report(old)
+    assert "untimed rounds" not in bench_packing.render_report(old) + bench_packing.render(old)
 
 
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
