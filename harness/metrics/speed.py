@@ -166,10 +166,11 @@ def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_r
     in which no arm's step faulted in more than ``SETTLED_FAULTS`` new pages.  Arms that
     share a process share its heap, and it goes on growing for some steps after the first
     (glibc places each step's blocks a little differently); a step that grows it pays a
-    page fault per 4 KiB, and the arm whose step peaks higher pays more of them (docs/speed.md,
-    "Heap settling before the timed rounds").  ``faults``, a dict, receives each timed step's page faults per arm
-    (``per_step``), the settling rounds run (``settle_rounds``) and whether the last of
-    them was quiet (``settled``; True where ``settle`` is 0)."""
+    page fault per 4 KiB, and the arm whose step peaks higher pays more of them
+    (docs/speed.md, "Heap settling before the timed rounds").  ``faults``, a dict, receives
+    each timed step's page faults per arm (``per_step``), the settling rounds run
+    (``settle_rounds``) and whether the last of them was quiet (``settled``; True where
+    ``settle`` is 0)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -247,8 +248,6 @@ def settling_table(rows: list[tuple[str, dict]], arms: tuple[str, ...], n: int,
              "|---|---|---:|---:|" + "---:|" * len(arms)]
     for label, row in have:
         for mode in ("train", "infer"):
-            if f"{mode}_settle_rounds" not in row:
-                continue
             lines.append(
                 f"| {label} | {mode} | {row[f'{mode}_settle_rounds']:g} | "
                 f"{row[f'{mode}_unsettled']} | " + " | ".join(
