@@ -211,13 +211,18 @@ def alternate(steps: dict, device: torch.device, warmup: int, rounds: int, per_r
     return times
 
 
+def settled_fields(faults: dict, prefix: str) -> dict:
+    """From ``alternate(..., faults=)``: ``<prefix>_settle_rounds``, the settling rounds run
+    (kept per process when merged), and ``<prefix>_unsettled``, 1 where the rounds ran out
+    (summed over processes)."""
+    return {f"{prefix}_settle_rounds": faults["settle_rounds"],
+            f"{prefix}_unsettled": int(not faults["settled"])}
+
+
 def settling_fields(faults: dict, mode: str) -> dict:
-    """A record's fields for one mode's ``alternate(..., faults=)``: ``<mode>_settle_rounds``
-    (kept per process when merged), ``<mode>_unsettled`` (1 where the rounds ran out; summed
-    over processes) and each arm's page faults per timed step, ``<arm>_<mode>_faults_median``
-    and ``_max``."""
-    out = {f"{mode}_settle_rounds": faults["settle_rounds"],
-           f"{mode}_unsettled": int(not faults["settled"])}
+    """A record's fields for one mode's ``alternate(..., faults=)``: ``settled_fields`` and
+    each arm's page faults per timed step, ``<arm>_<mode>_faults_median`` and ``_max``."""
+    out = settled_fields(faults, mode)
     for arm, each in faults["per_step"].items():
         out[f"{arm}_{mode}_faults_median"] = statistics.median(each)
         out[f"{arm}_{mode}_faults_max"] = max(each)

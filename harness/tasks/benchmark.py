@@ -124,7 +124,8 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
 
     from .. import registry
     from ..metrics.speed import (adamw, alternate, channels_last_model, make_infer_step,
-                                 make_train_step, paired_ratios, settle_method)
+                                 make_train_step, paired_ratios, settle_method,
+                                 settled_fields)
     own_cfg = registry.config_dict(ctx.model_cfg)
     over = {**own_cfg, **o.reference}
     if over == own_cfg:
@@ -162,8 +163,7 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
         faults: dict = {}
         times = alternate(steps, device, o.warmup, rounds=rounds, abba=True,
                           settle=o.reference_settle, faults=faults)
-        out[f"{mode}_reference_settle_rounds"] = faults["settle_rounds"]
-        out[f"{mode}_reference_unsettled"] = int(not faults["settled"])
+        out.update(settled_fields(faults, f"{mode}_reference"))
         ratios = paired_ratios(times["reference"], times["own"])
         out[f"{mode}_speedup_vs_reference"] = statistics.median(ratios)
         out[f"{mode}_rounds_won_vs_reference"] = sum(r > 1 for r in ratios) / len(ratios)
