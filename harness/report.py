@@ -69,13 +69,22 @@ def speed_environment(trials: pd.DataFrame, study_peaks: dict | None = None) -> 
                        ("tags.bench.malloc", "malloc"), ("tags.bench.attention", "attention kernel (SDPA)"),
                        ("tags.bench.compile", "torch.compile"), ("tags.bench.channels_last", "channels-last"),
                        ("tags.bench.peak_mem_source", "peak memory from")):
-        if tag in trials and trials[tag].notna().any():
-            lines.append(f"- {label}: {', '.join(sorted(set(trials[tag].dropna().astype(str))))}")
+        values = sorted(set(trials[tag].dropna().astype(str)) - {""}) if tag in trials else []
+        if values:  # (an empty tag: not applicable here, e.g. the CPU malloc mode on a GPU)
+            lines.append(f"- {label}: {', '.join(values)}")
     col = "metrics.other_cpu_cores"
     if col in trials and trials[col].notna().any():
         lines.append(f"- CPU cores used by other processes while timing: up to "
                      f"{trials[col].max():.2f} (0 = a quiet machine)")
     return lines
+
+
+def variant_text(study) -> str:
+    """The variant(s) the trials ran: the swept ones where the sweep sets the variant."""
+    swept = study.sweep.get("variant")
+    if swept:
+        return "variants " + ", ".join(f"`{v}`" for v in swept) + " (swept)"
+    return f"variant `{study.variant}`"
 
 
 def t95(n: int) -> float:
@@ -526,7 +535,7 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
           f"{len(df)} finished cell × seed points, seeds {seeds}. "
           f"Objective: {', '.join(f'`{o.metric}` ({o.direction})' for o in objectives)}; "
           f"★ marks the best value of `{first.metric}`. Task `{study.task}`, data `{study.data}`, "
-          f"variant `{study.variant}`, budget {study.budget.steps} steps.", "",
+          f"{variant_text(study)}, budget {study.budget.steps} steps.", "",
           "## Environment", "", *env, f"- FLOP convention: {fl}",
           f"- tracking store: {mask_url(uri) if not uri.startswith('sqlite') else 'embedded SQLite'}", ""]
     if claim_lines:

@@ -73,3 +73,13 @@ def test_ratio_section_pairs_the_arms_by_seed(study, shared_runs, tmp_path):
         assert mean in roundings(np.mean(rs), ".3g", 1e-5) and low in roundings(min(rs), ".3g", 1e-5) \
             and high in roundings(max(rs), ".3g", 1e-5), row
         assert "met" in row and "not met" not in row
+
+
+def test_report_header_names_the_swept_variants_not_the_files_default():
+    """speed_dit's gpu-target profile sweeps variant to dit-b/2: the header says so rather
+    than the study's default dit-s/2, which no trial ran."""
+    from harness.report import variant_text
+    from harness.studies import load_study
+    gpu = load_study("studies/speed_dit.yaml", "gpu-target")
+    assert variant_text(gpu) == "variants `dit-b/2` (swept)"
+    assert variant_text(load_study("studies/vit_digits.yaml", "smoke")) == "variant `vit-digits`"
