@@ -42,8 +42,8 @@ import torch.nn.functional as F
 
 from .metrics import cpu_malloc, cpu_mkl
 from .metrics.peak import BUSY_CORES, OtherLoad
-from .metrics.speed import (SETTLED_FAULTS, adamw, alternate, set_threads, settle_method,
-                            settling_fields, settling_table)
+from .metrics.speed import (SETTLED_FAULTS, adamw, alternate, autocast, set_threads,
+                            settle_method, settling_fields, settling_table)
 
 
 def make_batch(n: int, in_channels: int, min_size: int, max_size: int, step: int, skew: float,
@@ -71,10 +71,10 @@ def build_arms(variant: str, overrides: dict, arms: dict[str, dict], device: tor
 
 def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, train: bool,
               warmup: int, steps: int, device: torch.device, settle: int = 0,
-              faults: dict | None = None) -> dict[str, list[float]]:
+              faults: dict | None = None, bf16: bool = False) -> dict[str, list[float]]:
     """Seconds per step of each arm; timed steps alternate between arms, every other
     round in reverse order, once the heap the arms share has settled (``alternate``'s
-    ``settle`` and ``faults``)."""
+    ``settle`` and ``faults``); ``bf16``: forward and loss under bf16 autocast."""
     steps_fn = {}
     for name, model in models.items():
         if train:
@@ -83,13 +83,15 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
 
             def step(model=model, optim=optim):
                 optim.zero_grad(set_to_none=True)
-                F.cross_entropy(model(images), labels).backward()
+                with autocast(device, bf16):
+                    loss = F.cross_entropy(model(images), labels)
+                loss.backward()
                 optim.step()
         else:
             model.eval()
 
             def step(model=model):
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast(device, bf16):
                     model(images)
         steps_fn[name] = step
     return alternate(steps_fn, device, warmup, rounds=steps, abba=True, settle=settle,
@@ -169,6 +171,7 @@ def run(args: argparse.Namespace) -> dict:
            "max_seq_len": args.max_seq_len, "depth": models["pad"].cfg.depth,
            "hidden_size": models["pad"].cfg.hidden_size, "threads": torch.get_num_threads(),
            "warmup_steps": args.warmup, "timed_steps": args.steps, "settle": args.settle,
+           "precision": "bf16 autocast" if args.bf16 else "fp32",
            "real_tokens_per_image": real / args.batch_size,
            "pack_attn_path": models[pack_name].tags()["attn_path"],
            "pack_padding_fraction": stats[pack_name]["padding_fraction"],
@@ -182,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
         faults: dict = {}
         with OtherLoad() as other:
             times = time_arms(models, images, labels, mode == "train", args.warmup, args.steps,
-                              device, args.settle, faults)
+                              device, args.settle, faults, args.bf16)
         out.update(settling_fields(faults, mode))
         if math.isfinite(other.cores):
             out[f"{mode}_other_cpu_cores"] = other.cores
@@ -237,7 +240,7 @@ def render(r: dict) -> str:
     lines = [f"bench-packing: {r['variant']} (depth {r['depth']}, width {r['hidden_size']}) on "
              f"{r['device']}, {r['threads']} threads; {r['batch_size']} images, sides "
              f"{r['min_size']}-{r['max_size']} px (skew {r['skew']}), patch {r['patch_size']}, "
-             f"max_seq_len {r['max_seq_len']}",
+             f"max_seq_len {r['max_seq_len']}, {r.get('precision', 'fp32')}",
              f"  real tokens/image {r['real_tokens_per_image']:.1f}; padding: pack "
              f"{r['pack_padding_fraction']:.1%} ({r['pack_images_per_pack']:.1f} images/pack, "
              f"attention {r['pack_attn_path']}), pad {r['pad_padding_fraction']:.1%}",
@@ -300,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--call-costs", type=int, nargs="+", default=None, metavar="C",
                    help="instead of pack: the grouped attention path at each of these call "
                         "costs (variants.navit.GROUP_CALL_COST), one arm each")
+    p.add_argument("--bf16", action="store_true",
+                   help="forward and loss under bf16 autocast (as the studies' bf16 option)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -384,7 +389,8 @@ def render_report(r: dict) -> str:
         f"{r.get('infer_other_cpu_cores', float('nan')):.2f} cores (0 = a quiet machine; "
         f"the highest over the processes)",
         f"- model: {r['variant']}, depth {r['depth']}, width {r['hidden_size']}, same weights in "
-        f"both arms; pack attention path `{r['pack_attn_path']}`",
+        f"both arms; pack attention path `{r['pack_attn_path']}`; precision "
+        f"{r.get('precision', 'fp32')}",
         f"- images: {r['batch_size']} per step, sides {r['min_size']}-{r['max_size']} px "
         f"(skew {r['skew']}), patch {r['patch_size']}, max_seq_len {r['max_seq_len']}; real "
         f"tokens/image {r['real_tokens_per_image']:.1f}",

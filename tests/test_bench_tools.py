@@ -55,6 +55,18 @@ def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsy
     assert "untimed rounds" not in bench_packing.render_report(old) + bench_packing.render(old)
 
 
+def test_packing_benchmark_bf16_runs_both_arms_under_autocast_and_says_so(tmp_path):
+    out = tmp_path / "bf16" / "README.md"
+    assert bench_packing.main(["--depth", "1", "--batch-size", "8", "--max-size", "32",
+                               "--warmup", "0", "--steps", "1", "--settle", "0", "--bf16",
+                               "--device", "cpu", "--out", str(out)]) == 0
+    r = json.loads((out.parent / "results.json").read_text())
+    assert r["precision"] == "bf16 autocast"
+    assert "precision bf16 autocast" in out.read_text() and "bf16 autocast" in bench_packing.render(r)
+    fp32 = {k: v for k, v in r.items() if k != "precision"}  # a record from before --bf16
+    assert "precision fp32" in bench_packing.render_report(fp32)
+
+
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
     """--call-costs: one grouped pack arm per cost, each against pad; a cost of 0 makes one
     attention call per image length, a huge one a single call, and the report says so."""
