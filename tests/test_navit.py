@@ -242,6 +242,63 @@ def test_resolution_sampling_keeps_aspect_and_patch_multiples():
     assert len(set(lengths)) > 1  # resampled sizes differ
 
 
+# ------------------------------------------------------------------ tokenizing
+
+def per_image_tokens(model: NaViT, imgs: list[torch.Tensor]) -> torch.Tensor:
+    """The tokenizer written out image by image: each (C, H, W) image cut into p x p
+    patches, row-major, features in (channel, row, column) order, plus its positions."""
+    p, patches, ys, xs = model.cfg.patch_size, [], [], []
+    for x in model.preprocess(imgs):
+        C, H, W = x.shape
+        gh, gw = H // p, W // p
+        patches.append(x.reshape(C, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, C * p * p))
+        y, xx = model.coords(gh, gw, x.device)
+        ys.append(y)
+        xs.append(xx)
+    return model.patch_embed(torch.cat(patches)) + model.pos_embed(torch.cat(ys), torch.cat(xs))
+
+
+@pytest.mark.parametrize("channels,coords", [(1, "absolute"), (3, "absolute"), (3, "fractional")])
+def test_batched_tokenizer_equals_the_per_image_one(channels, coords):
+    """One gather over the batch's pixels gives exactly the per-image patches, also for
+    images cropped to whole patches (sides not multiples of p) and for 3 channels."""
+    model = build(in_channels=channels, pos_coords=coords).eval()
+    g = torch.Generator().manual_seed(3)
+    sizes = [(8, 8), (32, 12), (13, 30), (4, 4), (16, 28), (31, 5)]
+    imgs = [torch.rand(channels, h, w, generator=g) for h, w in sizes]
+    with torch.no_grad():
+        tok, lengths, native = model.tokenize(imgs)
+        ref = per_image_tokens(model, imgs)
+    assert lengths == native == [(h // 4) * (w // 4) for h, w in sizes]
+    assert torch.equal(tok, ref)
+
+
+def test_tokenizer_launches_a_fixed_number_of_ops_however_many_images():
+    """The per-image work is one view each; every op that runs a kernel is per batch, so a
+    GPU step is not bound by launches that grow with the batch (the H200 profile in
+    docs/speed.md: a packed step spent longer launching than computing)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = build().eval()
+    counts = {}
+    for n in (4, 32):
+        imgs = images(n, model=model)
+        with torch.no_grad(), Ops() as ops:
+            model.tokenize(imgs)
+        counts[n] = sum(name not in ("view", "_unsafe_view") for name in ops.names)
+        assert ops.names.count("view") <= n + 8
+    assert counts[4] == counts[32]
+
+
 # ------------------------------------------------------------------ positions
 
 def test_fractional_positions_accept_unseen_resolutions_absolute_refuse():

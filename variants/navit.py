@@ -272,6 +272,41 @@ def index_tensor(arr: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.frombuffer(arr, dtype=torch.long).view(arr.shape).to(device)
 
 
+def patch_layout(shapes: np.ndarray, p: int, max_grid: int, pos_coords: str
+                 ) -> tuple[np.ndarray, ...]:
+    """Where each patch of a batch of images lies in their pixels laid end to end, and its
+    position-embedding slots; per token (T = sum of gh*gw), images in order, patches
+    row-major (as ``x.reshape(C, gh, p, gw, p).permute(1, 3, 0, 2, 4)`` orders them):
+
+    run_start     flat index of the patch's first pixel (channel 0, top row)
+    run_stride    the image's width W: the next pixel row of the patch is W further
+    image_stride  H * W: the next channel is that much further
+    ys, xs        slots of the patch in the position embedding (``pos_coords``)
+
+    shapes: (N, 3) ints, each image's (C, H, W) with H and W multiples of p.  ConfigError
+    for an image beyond ``max_grid`` absolute slots."""
+    C, H, W = shapes[:, 0], shapes[:, 1], shapes[:, 2]
+    gh, gw = H // p, W // p
+    n = gh * gw
+    if pos_coords == "absolute" and len(n) and max(gh.max(), gw.max()) > max_grid:
+        i = int(np.argmax(np.maximum(gh, gw)))
+        raise ConfigError(
+            f"an image of {gh[i]}x{gw[i]} patches is beyond max_grid={max_grid} absolute position "
+            f"slots per axis; use pos_coords='fractional' (any size), raise max_grid,"
+            f" or cap the image size at {max_grid * p} px")
+    img = np.repeat(np.arange(len(n)), n)                        # (T,) image of each token
+    within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    gy, gx = within // gw[img], within % gw[img]
+    start = (np.cumsum(C * H * W) - C * H * W)[img]              # the image's first pixel
+    run_start = start + gy * p * W[img] + gx * p
+    if pos_coords == "absolute":
+        ys, xs = gy, gx
+    else:  # fractional: the patch centre's position in [0, 1), bucketed into max_grid slots
+        ys = (2 * gy + 1) * max_grid // (2 * gh[img])
+        xs = (2 * gx + 1) * max_grid // (2 * gw[img])
+    return run_start, W[img], (H * W)[img], ys, xs
+
+
 def _offsets(lengths: Sequence[int]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
@@ -565,7 +600,6 @@ class NaViT(Variant):
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.pool = PoolHead(d, cfg.num_heads, cfg.mlp_ratio, cfg.pooling)
         self.head = nn.Linear(d, cfg.num_classes)
-        self._coords: dict = {}     # (h, w, device) -> (y index, x index) of each patch
         self._stats = defaultdict(int)
         self._last_tokens: list[int] | None = None
         # the grouped path's call cost for this instance (None: GROUP_CALL_COST); a speed
@@ -622,30 +656,17 @@ class NaViT(Variant):
                 shrink = h < int(x.shape[-2]) or w < int(x.shape[-1])
                 x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False,
                                   antialias=shrink)[0]
-            dh, dw = (h % p) // 2, (w % p) // 2  # centre crop to whole patches
-            out.append(x[:, dh: dh + h - h % p, dw: dw + w - w % p])
+            if h % p or w % p:  # centre crop to whole patches
+                dh, dw = (h % p) // 2, (w % p) // 2
+                x = x[:, dh: dh + h - h % p, dw: dw + w - w % p]
+            out.append(x)
         return out
 
     def coords(self, gh: int, gw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Position-embedding slots (y, x) of a gh x gw patch grid, row-major."""
-        key = (gh, gw, device)
-        if key not in self._coords:
-            if len(self._coords) > 4096:  # native sizes of a photo folder: keep the cache bounded
-                self._coords.clear()
-            G = self.cfg.max_grid
-            if self.cfg.pos_coords == "absolute":
-                if max(gh, gw) > G:
-                    raise ConfigError(
-                        f"an image of {gh}x{gw} patches is beyond max_grid={G} absolute position "
-                        f"slots per axis; use pos_coords='fractional' (any size), raise max_grid,"
-                        f" or cap the image size at {G * self.cfg.patch_size} px")
-                y, x = torch.arange(gh), torch.arange(gw)
-            else:  # fractional: the patch centre's position in [0, 1), bucketed into G slots
-                y = (2 * torch.arange(gh) + 1) * G // (2 * gh)
-                x = (2 * torch.arange(gw) + 1) * G // (2 * gw)
-            y, x = y[:, None].expand(gh, gw), x[None, :].expand(gh, gw)  # (gh, gw) each
-            self._coords[key] = (y.reshape(-1).to(device), x.reshape(-1).to(device))
-        return self._coords[key]
+        _, _, _, y, x = patch_layout(np.array([[1, gh, gw]]), 1, self.cfg.max_grid,
+                                     self.cfg.pos_coords)
+        return index_tensor(y, device), index_tensor(x, device)
 
     def tokenize(self, images: Sequence[torch.Tensor], generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -653,17 +674,21 @@ class NaViT(Variant):
         after dropping (dropping only in training)."""
         cfg, p = self.cfg, self.cfg.patch_size
         images = self.preprocess(images, generator)
-        patches, ys, xs, native = [], [], [], []
-        for x in images:
-            C, H, W = (int(s) for s in x.shape)  # ints, also while tracing
-            gh, gw = H // p, W // p
-            patches.append(x.reshape(C, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, C * p * p))
-            y, xx = self.coords(gh, gw, x.device)
-            ys.append(y)
-            xs.append(xx)
-            native.append(gh * gw)
-        tok = self.patch_embed(torch.cat(patches))  # (T, D)
-        tok = tok + self.pos_embed(torch.cat(ys), torch.cat(xs))  # (T, D)
+        shapes = np.array([[int(s) for s in x.shape] for x in images], np.int64)  # ints, also while tracing
+        C, device = int(shapes[0, 0]), images[0].device
+        # every image's pixels in one flat buffer, then each patch row (p pixels) gathered from
+        # it in one call: a fixed handful of kernels per batch, not a copy per image (on a GPU
+        # the per-image launches cost more than a packed step's compute)
+        layout = np.stack(patch_layout(shapes, p, cfg.max_grid, cfg.pos_coords))  # (5, T)
+        run_start, run_stride, image_stride, ys, xs = index_tensor(layout, device).unbind(0)  # one copy
+        chan = torch.arange(C, device=device).repeat_interleave(p)  # (C*p,) channel of each patch row
+        prow = torch.arange(p, device=device).repeat(C)              # (C*p,) row within the patch
+        rows = run_start[:, None] + image_stride[:, None] * chan + run_stride[:, None] * prow  # (T, C*p)
+        flat = torch.cat([x.reshape(-1) for x in images])
+        patches = flat.unfold(0, p, 1).index_select(0, rows.reshape(-1))  # (T*C*p, p)
+        tok = self.patch_embed(patches.reshape(-1, C * p * p))  # (T, D)
+        tok = tok + self.pos_embed(ys, xs)  # (T, D)
+        native = ((shapes[:, 1] // p) * (shapes[:, 2] // p)).tolist()
         lengths = list(native)
         if self.training and cfg.token_drop != "none":
             rates = drop_rates(cfg.token_drop, native, cfg, generator)

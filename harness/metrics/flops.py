@@ -32,6 +32,7 @@ NO_MAC_OPS = frozenset(
     cumsum argmax argmin topk sort argsort repeat_interleave repeat dropout feature_dropout
     lift_fresh __or__ __and__
     unbind chunk split cat stack expand_as erf erfinv lerp square any all nonzero addcmul addcdiv
+    unfold
     """.split())
 
 
