@@ -54,6 +54,7 @@ bench-deps: install
 #   make speed-reports PROFILE=gpu SUFFIX=-h100         on a GPU (the gpu profiles, bf16)
 #   make gpu-target SUFFIX=-h100                        the GPU checks alone, in minutes: DiT-B/2
 #       bf16 training MFU against the card's measured bf16 peak, and NaViT packing vs padding
+#       (eager, then with NaViT's transformer blocks compiled)
 PROFILE ?= cpu
 SUFFIX ?=
 SPEED_STUDIES ?= speed_dit speed_vivit speed_packing speed_paths
@@ -75,6 +76,7 @@ speed-reports: bench-deps
 gpu-target: install
 	$(call studies,speed_dit,gpu-target)
 	$(call studies,speed_packing,gpu)
+	$(call studies,speed_packing,gpu-compile)
 
 clean:
 	rm -rf runs .pytest_cache

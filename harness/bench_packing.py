@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> dict:
                  "in_channels": 1, "num_classes": 10}
     if args.depth:
         overrides["depth"] = args.depth
+    if args.compile_blocks:
+        overrides["compile_blocks"] = True
     images = make_batch(args.batch_size, 1, args.min_size, args.max_size, args.size_step,
                         args.skew, args.seed, device)
     labels = torch.randint(0, 10, (len(images),), generator=torch.Generator().manual_seed(1)).to(device)
@@ -172,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
            "hidden_size": models["pad"].cfg.hidden_size, "threads": torch.get_num_threads(),
            "warmup_steps": args.warmup, "timed_steps": args.steps, "settle": args.settle,
            "precision": "bf16 autocast" if args.bf16 else "fp32",
+           "compile_blocks": bool(args.compile_blocks),
            "real_tokens_per_image": real / args.batch_size,
            "pack_attn_path": models[pack_name].tags()["attn_path"],
            "pack_padding_fraction": stats[pack_name]["padding_fraction"],
@@ -240,7 +243,8 @@ def render(r: dict) -> str:
     lines = [f"bench-packing: {r['variant']} (depth {r['depth']}, width {r['hidden_size']}) on "
              f"{r['device']}, {r['threads']} threads; {r['batch_size']} images, sides "
              f"{r['min_size']}-{r['max_size']} px (skew {r['skew']}), patch {r['patch_size']}, "
-             f"max_seq_len {r['max_seq_len']}, {r.get('precision', 'fp32')}",
+             f"max_seq_len {r['max_seq_len']}, {r.get('precision', 'fp32')}"
+             + (", compiled blocks" if r.get("compile_blocks") else ""),
              f"  real tokens/image {r['real_tokens_per_image']:.1f}; padding: pack "
              f"{r['pack_padding_fraction']:.1%} ({r['pack_images_per_pack']:.1f} images/pack, "
              f"attention {r['pack_attn_path']}), pad {r['pad_padding_fraction']:.1%}",
@@ -305,6 +309,9 @@ def parser() -> argparse.ArgumentParser:
                         "costs (variants.navit.GROUP_CALL_COST), one arm each")
     p.add_argument("--bf16", action="store_true",
                    help="forward and loss under bf16 autocast (as the studies' bf16 option)")
+    p.add_argument("--compile-blocks", action="store_true",
+                   help="every arm's transformer blocks under torch.compile (NaViT's "
+                        "compile_blocks; tokenizing and packing stay eager)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -390,7 +397,8 @@ def render_report(r: dict) -> str:
         f"the highest over the processes)",
         f"- model: {r['variant']}, depth {r['depth']}, width {r['hidden_size']}, same weights in "
         f"both arms; pack attention path `{r['pack_attn_path']}`; precision "
-        f"{r.get('precision', 'fp32')}",
+        f"{r.get('precision', 'fp32')}; blocks "
+        f"{'compiled (torch.compile)' if r.get('compile_blocks') else 'eager'}",
         f"- images: {r['batch_size']} per step, sides {r['min_size']}-{r['max_size']} px "
         f"(skew {r['skew']}), patch {r['patch_size']}, max_seq_len {r['max_seq_len']}; real "
         f"tokens/image {r['real_tokens_per_image']:.1f}",

@@ -67,6 +67,21 @@ def test_packing_benchmark_bf16_runs_both_arms_under_autocast_and_says_so(tmp_pa
     assert "precision fp32" in bench_packing.render_report(fp32)
 
 
+def test_packing_benchmark_compiles_every_arms_blocks_on_request(tmp_path):
+    import shutil
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    out = tmp_path / "compiled" / "README.md"
+    assert bench_packing.main(["--depth", "1", "--batch-size", "8", "--max-size", "32",
+                               "--warmup", "0", "--steps", "1", "--settle", "0",
+                               "--compile-blocks", "--device", "cpu", "--out", str(out)]) == 0
+    r = json.loads((out.parent / "results.json").read_text())
+    assert r["compile_blocks"] is True and r["pack_train_step_ms_median"] > 0
+    assert "blocks compiled (torch.compile)" in out.read_text()
+    assert "compiled blocks" in bench_packing.render(r)
+    assert "blocks eager" in bench_packing.render_report({**r, "compile_blocks": False})
+
+
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
     """--call-costs: one grouped pack arm per cost, each against pad; a cost of 0 makes one
     attention call per image length, a huge one a single call, and the report says so."""

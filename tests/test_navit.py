@@ -299,6 +299,31 @@ def test_tokenizer_launches_a_fixed_number_of_ops_however_many_images():
     assert counts[4] == counts[32]
 
 
+def test_compiled_blocks_match_eager_and_compile_without_graph_breaks():
+    """compile_blocks: the same logits and gradients as eager blocks, from graphs with no
+    break in them; FLOP counting traces the eager blocks and counts the same."""
+    import shutil
+
+    from torch._dynamo import is_dynamo_supported
+    from torch._dynamo.utils import counters
+    if not is_dynamo_supported() or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on CPU needs dynamo and a C++ compiler")
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build(attn_impl="dense_mask", depth=1)
+    comp = build(attn_impl="dense_mask", depth=1, compile_blocks=True)
+    imgs = images(6, model=eager)
+    a, b = eager(imgs), comp(imgs)
+    F.cross_entropy(a, torch.arange(6)).backward()
+    F.cross_entropy(b, torch.arange(6)).backward()
+    assert torch.allclose(a, b, atol=1e-5)
+    for p, q in zip(eager.parameters(), comp.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert comp.tags()["compile_blocks"] == "true" and eager.tags()["compile_blocks"] == "false"
+    assert count_flops(comp, (imgs,))["gflops_fwd"] == count_flops(eager, (imgs,))["gflops_fwd"] > 0
+
+
 # ------------------------------------------------------------------ positions
 
 def test_fractional_positions_accept_unseen_resolutions_absolute_refuse():

@@ -84,6 +84,10 @@ class NaViTConfig:
     res_sampling: ResSampling = "native"  # training only: keep native size, or resample each image
     res_range: tuple[int, int] = (8, 64)  # random: side of the equal-area square ~ U(lo, hi) pixels
     attn_impl: AttnImpl = "auto"    # pack attention; auto: flex on CUDA, CPU_PACK_ATTENTION on CPU
+    # torch.compile the transformer blocks (tokenizing and packing stay eager): on a GPU a
+    # packed step at small width is bound by launching kernels (docs/speed.md, H200), and
+    # compiled blocks launch far fewer; FlexAttention is meant to run compiled
+    compile_blocks: bool = False
 
     def validate(self) -> None:
         for k in ("patch_size", "hidden_size", "depth", "num_heads", "num_classes", "in_channels",
@@ -120,6 +124,11 @@ class NaViTConfig:
             raise ConfigError(f"res_range hi={hi} px can exceed max_grid={self.max_grid} absolute "
                               f"position slots (x patch {self.patch_size}); lower it or use "
                               "pos_coords='fractional'")
+        if self.compile_blocks:
+            from torch._dynamo import is_dynamo_supported
+            if not is_dynamo_supported():
+                raise ConfigError("compile_blocks=true: torch.compile is not supported on this "
+                                  "Python/torch; set compile_blocks false")
         if self.token_drop == "none" and self.drop_rate:
             raise ConfigError(f"drop_rate={self.drop_rate} with token_drop='none' drops nothing; "
                               "pick token_drop constant | beta | resolution")
@@ -602,6 +611,7 @@ class NaViT(Variant):
         self.head = nn.Linear(d, cfg.num_classes)
         self._stats = defaultdict(int)
         self._last_tokens: list[int] | None = None
+        self._compiled_blocks = None    # compile_blocks: torch.compile(self._blocks), made once
         # the grouped path's call cost for this instance (None: GROUP_CALL_COST); a speed
         # knob with no effect on the outputs (``harness.bench_packing --call-costs`` sets it)
         self.group_call_cost: float | None = None
@@ -740,16 +750,14 @@ class NaViT(Variant):
             ctx = AttnContext("grouped", buckets=make_buckets(groups, cost, device), tail=lay.padded)
             self._stats["grouped_forwards"] += 1
             self._stats["attn_calls"] += len(ctx.buckets)
-            for block in self.blocks:
-                x = block(x, ctx)  # (1, B*L, D)
+            x = self.run_blocks(x, ctx)  # (1, B*L, D)
             pooled = self.pool.grouped(self.norm(x[0]), groups)  # (N, D), sorted order
             return pooled.index_select(0, index_tensor(rank, device))  # (N, D)
         src, doc, image_slot = row_indices(lay, device)
         B, L = len(lay.rows), lay.length
         x = torch.cat([tok, tok.new_zeros(1, D)]).index_select(0, src).view(B, L, D)  # (B, L, D)
         ctx = row_context(lay, doc, "key_padding" if self.cfg.batching != "pack" else path)
-        for block in self.blocks:
-            x = block(x, ctx)  # (B, L, D)
+        x = self.run_blocks(x, ctx)  # (B, L, D)
         x = self.norm(x)
         member = None
         if lay.slots > 1 or lay.padded:
@@ -760,6 +768,20 @@ class NaViT(Variant):
     def forward(self, images: Sequence[torch.Tensor],
                 generator: torch.Generator | None = None) -> torch.Tensor:
         return self.head(self.forward_features(images, generator))  # (N, classes)
+
+    def _blocks(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, ctx)
+        return x
+
+    def run_blocks(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """The transformer blocks, compiled once per model with ``compile_blocks`` (eager
+        while FLOP counting traces the model)."""
+        if not self.cfg.compile_blocks or torch.jit.is_tracing():
+            return self._blocks(x, ctx)
+        if self._compiled_blocks is None:
+            self._compiled_blocks = torch.compile(self._blocks)
+        return self._compiled_blocks(x, ctx)
 
     # ---------------------------------------------------------- Variant protocol
     def _record(self, lay: Layout, native: list[int]) -> None:
@@ -800,7 +822,7 @@ class NaViT(Variant):
         path = {"pack": self.attn_path(), "pad": "sdpa_key_padding", "resize": "sdpa"}[c.batching]
         return {"attn_path": path, "batching": c.batching, "packing": c.packing,
                 "pos_emb": c.pos_emb, "pos_coords": c.pos_coords, "pooling": c.pooling,
-                "token_drop": c.token_drop}
+                "token_drop": c.token_drop, "compile_blocks": str(c.compile_blocks).lower()}
 
     def example_sizes(self, n: int, generator: torch.Generator | None = None) -> list[tuple[int, int]]:
         """A NaViT-like resolution distribution: sides p-multiples up to input_size, skewed small."""
