@@ -243,7 +243,7 @@ def _flex_attention(q, k, v, block_mask):
     """Compiled FlexAttention on CUDA; eager elsewhere (CPU: inference only, slow: for checks)."""
     global _FLEX
     from torch.nn.attention.flex_attention import flex_attention
-    if q.device.type != "cuda":
+    if q.device.type != "cuda" or torch.compiler.is_compiling():  # (compiled blocks: traced in)
         return flex_attention(q, k, v, block_mask=block_mask)
     if _FLEX is None:
         _FLEX = torch.compile(flex_attention)  # automatic dynamic shapes: the pack count varies
