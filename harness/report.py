@@ -425,6 +425,12 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
     study = load_study(study_path, profile)
     uri = check_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                              or default_tracking_uri(Path(runs_dir)))
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # before MLflow opens it: opening would create an empty store where there was none
+        raise StudyError(f"no tracking store at {uri[len('sqlite:///'):]}: run `harness run "
+                         f"{study.path}{' --profile ' + study.profile if study.profile else ''} "
+                         f"--runs-dir {runs_dir}` first, or give this report the --runs-dir "
+                         "(or --tracking-uri) that run used")
     trials, parents = load_runs(study, uri)
     objectives = study.objectives
     extra = [m for m in study.resolved.get("report_metrics", []) if m not in [o.metric for o in objectives]]

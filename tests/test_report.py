@@ -52,6 +52,15 @@ def test_report_of_unknown_study_is_a_clear_error(tmp_path, shared_runs, capsys)
     assert "no MLflow experiment" in capsys.readouterr().err
 
 
+def test_report_from_a_runs_dir_with_no_store_stops_and_creates_none(tmp_path, capsys):
+    p = write_study(tmp_path / "never.yaml", name="never_run")
+    empty = tmp_path / "no-such-runs"
+    assert cli.main(["report", str(p), "--runs-dir", str(empty), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no tracking store at" in err and "--runs-dir" in err
+    assert not empty.exists() and not (tmp_path / "o").exists()  # nothing half-written
+
+
 def test_ratio_section_pairs_the_arms_by_seed(study, shared_runs, tmp_path):
     """The ratio table's figures are the per-seed ratios of the runs in results.csv."""
     import numpy as np
