@@ -420,14 +420,15 @@ def render_report(study_path: str, *, profile: str | None = None, tracking_uri: 
 
     from mlflow.tracking import MlflowClient
 
-    from .tracking import check_tracking_uri, default_tracking_uri, mask_url
+    from .tracking import check_tracking_uri, default_tracking_uri, mask_url, sqlite_file
 
     study = load_study(study_path, profile)
     uri = check_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                              or default_tracking_uri(Path(runs_dir)))
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    store = sqlite_file(uri)
+    if store is not None and not store.is_file():
         # before MLflow opens it: opening would create an empty store where there was none
-        raise StudyError(f"no tracking store at {uri[len('sqlite:///'):]}: run `harness run "
+        raise StudyError(f"no tracking store at {store}: run `harness run "
                          f"{study.path}{' --profile ' + study.profile if study.profile else ''} "
                          f"--runs-dir {runs_dir}` first, or give this report the --runs-dir "
                          "(or --tracking-uri) that run used")

@@ -34,7 +34,8 @@ from . import registry
 from .errors import ConfigError, DivergedError, HarnessError, StorageError, StudyError, TrialFailed
 from .metrics.kernel_choice import kernel_env
 from .studies import Study, load_study, resolve_trial
-from .tracking import RUN_STATUS, Tracker, default_tracking_uri, environment_tags, mask_url, terminate_run
+from .tracking import (RUN_STATUS, Tracker, default_tracking_uri, environment_tags, mask_url,
+                       sqlite_file, terminate_run)
 
 HEARTBEAT_S = 10      # a running trial's worker writes a heartbeat this often (seconds)
 GRACE_FACTOR = 4      # ... and is declared dead after GRACE_FACTOR missed heartbeats
@@ -112,8 +113,8 @@ class Runner:
         from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        if self.storage_url.startswith("sqlite:///"):
-            Path(self.storage_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if (db := sqlite_file(self.storage_url)) is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(self.tracking_uri, self.study.study_name, self.runs_dir)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
         retry = RetryHeartbeatStaleTrialCallback(max_retry=3)

@@ -8,26 +8,12 @@ count of kernel-running ops per batch matters there.  Views run no kernel and ar
 apart."""
 import harness  # noqa: F401  (before torch)
 import argparse
-from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import registry
 from harness.bench_packing import make_batch
-
-VIEWS = {"view", "_unsafe_view", "unsqueeze", "expand", "unbind", "t", "unfold", "slice",
-         "select", "permute", "alias", "as_strided", "reshape", "squeeze", "transpose"}
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from harness.metrics.speed import DispatchCount
 
 
 def main() -> None:
@@ -41,12 +27,11 @@ def main() -> None:
     model, _ = registry.build("navit-ti", cfg, device="cpu", seed=0)
     with torch.no_grad():
         model.tokenize(images)  # once first: whatever the model caches is cached, as in a run
-        with Ops() as ops:
+        with DispatchCount() as ops:
             model.tokenize(images)
-    views = sum(n for k, n in ops.names.items() if k in VIEWS)
     total = sum(ops.names.values())
-    print(f"tokenize, {a.images} images of 8-{a.max_size} px: {total} ops, {total - views} that "
-          f"run a kernel, {views} views")
+    print(f"tokenize, {a.images} images of 8-{a.max_size} px: {total} ops, {ops.kernels} that "
+          f"run a kernel, {total - ops.kernels} views")
     print("  " + ", ".join(f"{k} {n}" for k, n in ops.names.most_common()))
 
 

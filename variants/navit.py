@@ -125,10 +125,8 @@ class NaViTConfig:
                               f"position slots (x patch {self.patch_size}); lower it or use "
                               "pos_coords='fractional'")
         if self.compile_blocks:
-            from torch._dynamo import is_dynamo_supported
-            if not is_dynamo_supported():
-                raise ConfigError("compile_blocks=true: torch.compile is not supported on this "
-                                  "Python/torch; set compile_blocks false")
+            from harness.metrics.speed import check_compile_supported
+            check_compile_supported("compile_blocks=true", "compile_blocks false")
         if self.token_drop == "none" and self.drop_rate:
             raise ConfigError(f"drop_rate={self.drop_rate} with token_drop='none' drops nothing; "
                               "pick token_drop constant | beta | resolution")

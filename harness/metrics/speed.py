@@ -24,10 +24,12 @@ import re
 import statistics
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ConfigError
 from . import cpu_attention, cpu_malloc, cpu_mkl
@@ -431,6 +433,36 @@ def check_attention_name(name: str) -> None:
     """ConfigError unless ``name`` is one of ``ATTENTION_BACKENDS`` (any device)."""
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention {name!r}: valid: {', '.join(ATTENTION_BACKENDS)}")
+
+
+def check_compile_supported(setting: str, unset: str) -> None:
+    """ConfigError unless torch.compile runs on this Python/torch (``setting``: the option
+    as given, e.g. ``compile=true``; ``unset``: what to set instead)."""
+    from torch._dynamo import is_dynamo_supported
+    if not is_dynamo_supported():
+        raise ConfigError(f"{setting}: torch.compile is not supported on this Python/torch; "
+                          f"set {unset}")
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the ops torch dispatches inside ``with DispatchCount() as ops:`` by name
+    (``ops.names``); ``ops.kernels`` leaves out the views, which run no kernel.  On a GPU
+    each of the others is a launch."""
+    VIEWS = frozenset({"view", "_unsafe_view", "unsqueeze", "expand", "unbind", "t", "unfold",
+                       "slice", "select", "permute", "alias", "as_strided", "reshape",
+                       "squeeze", "transpose"})
+
+    def __init__(self):
+        super().__init__()
+        self.names: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def kernels(self) -> int:
+        return sum(n for k, n in self.names.items() if k not in self.VIEWS)
 
 
 def check_attention(name: str, device: str | torch.device, bf16: bool) -> None:

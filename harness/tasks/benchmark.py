@@ -229,10 +229,8 @@ class BenchmarkTask(Task):
 
     def check(self, options: BenchmarkOptions, model_cfg, data) -> None:
         if options.compile:
-            from torch._dynamo import is_dynamo_supported
-            if not is_dynamo_supported():
-                raise ConfigError("compile=true: torch.compile is not supported on this "
-                                  "Python/torch; set task.compile false")
+            from ..metrics.speed import check_compile_supported
+            check_compile_supported("compile=true", "task.compile false")
 
     def run(self, ctx: TrialContext) -> dict:
         import time
