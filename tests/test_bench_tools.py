@@ -81,6 +81,33 @@ def test_packing_benchmark_compiles_every_arms_blocks_on_request(tmp_path):
     assert "blocks eager" in bench_packing.render_report({**r, "compile_blocks": False})
 
 
+def test_pack_flop_ceiling_counts_flex_blocks_and_padded_attention_exactly():
+    """scripts/pack_flop_ceiling.py on four 32x32 images (64 tokens each, patch 4): pad runs
+    4 rows of 64; pack runs 2 rows of 128 slots, two images each. At block 128 each row is one
+    partial block, twice the block-diagonal pairs; at block 64 the two diagonal blocks are
+    exactly the images', so the counts equal the block-diagonal work."""
+    import importlib.util
+    from pathlib import Path
+    import torch
+    from harness import registry
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pack_flop_ceiling.py"
+    spec = importlib.util.spec_from_file_location("pack_flop_ceiling", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = {"input_size": 32, "max_seq_len": 128, "max_grid": 8, "patch_size": 4, "in_channels": 1,
+           "num_classes": 10, "depth": 1, "batching": "pack"}
+    model, _ = registry.build("navit-ti", cfg, device="cpu", seed=0)
+    r = script.ceiling([torch.zeros(1, 32, 32)] * 4, model, [128, 64])
+    D, m = model.cfg.hidden_size, model.cfg.mlp_ratio
+    per_token, per_pair = (4 + 2 * m) * D * D, 2 * D
+    assert (r["real_tokens"], r["pad_tokens"], r["rows"], r["slots"]) == (256, 256, 2, 256)
+    assert r["token_ideal"] == 1.0 and r["block_diagonal_pairs"] == 4 * 64 ** 2
+    assert r["blocks"][128]["pairs"] == 2 * 128 ** 2 and r["blocks"][64]["pairs"] == 4 * 64 ** 2
+    pad = 256 * per_token + 4 * 64 ** 2 * per_pair
+    assert r["blocks"][128]["mac_ratio"] == pytest.approx(pad / (256 * per_token + 2 * 128 ** 2 * per_pair))
+    assert r["blocks"][64]["mac_ratio"] == pytest.approx(1.0)
+
+
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
     """--call-costs: one grouped pack arm per cost, each against pad; a cost of 0 makes one
     attention call per image length, a huge one a single call, and the report says so."""
