@@ -1,25 +1,32 @@
-"""How many torch ops NaViT's tokenizer dispatches for one batch (CPU; no GPU needed).
+"""How many torch ops NaViT's tokenizer and its FlexAttention mask dispatch for one batch (CPU; no GPU needed).
 
     python scripts/count_tokenize_ops.py [--images 256] [--max-size 128]
 
 On a GPU every op that runs a kernel is a launch, and a packed NaViT step at the GPU
 profile's size spends longer launching than computing (docs/speed.md, "On a GPU"), so the
 count of kernel-running ops per batch matters there.  Views run no kernel and are listed
-apart."""
+apart.  Then the packs' FlexAttention BlockMask, built on the host (``flex_block_mask``, what
+the model runs) and by ``create_block_mask`` (what it ran before): ops, and the host time of
+each on the meta device, where no kernel runs, so the time is all Python and dispatch (the
+median of --repeats calls)."""
 import harness  # noqa: F401  (before torch)
 import argparse
+import statistics
+import time
 
 import torch
 
 from harness import registry
 from harness.bench_packing import make_batch
 from harness.metrics.speed import DispatchCount
+from variants.navit import flex_block_mask, row_indices
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--max-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=21)
     a = p.parse_args()
     cfg = {"input_size": a.max_size, "max_seq_len": 1024, "max_grid": a.max_size // 4,
            "patch_size": 4, "in_channels": 1, "num_classes": 10, "depth": 12, "batching": "pack"}
@@ -33,6 +40,34 @@ def main() -> None:
     print(f"tokenize, {a.images} images of 8-{a.max_size} px: {total} ops, {ops.kernels} that "
           f"run a kernel, {total - ops.kernels} views")
     print("  " + ", ".join(f"{k} {n}" for k, n in ops.names.most_common()))
+
+    from torch.nn.attention.flex_attention import create_block_mask
+    tok, lengths, _ = model.tokenize(images)
+    lay = model.layout(lengths, "flex")
+    _, doc, _ = row_indices(lay, torch.device("cpu"))
+    B, L = (int(s) for s in doc.shape)
+
+    def create(d):
+        def same_image(b, h, q_idx, kv_idx):
+            return d[b, q_idx] == d[b, kv_idx]
+        return create_block_mask(same_image, B, None, L, L, device=d.device)
+
+    ways = {"host-built (flex_block_mask)": lambda d: flex_block_mask(lay, d),
+            "create_block_mask": create}
+    for name, make in ways.items():
+        make(doc)
+        with DispatchCount() as ops:
+            make(doc)
+        meta = doc.to("meta")
+        make(meta)
+        times = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            make(meta)
+            times.append(time.perf_counter() - t)
+        print(f"flex BlockMask, {B} packs of {L}, {name}: {sum(ops.names.values())} ops, "
+              f"{ops.kernels} that run a kernel (a copy to the device counts one); host time on "
+              f"meta {statistics.median(times) * 1e3:.2f} ms (median of {a.repeats})")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,42 @@ def test_flex_attention_path_matches_alone_cpu_inference():
             torch.testing.assert_close(model.forward_features([x])[0], feats[i], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lengths,max_len,block", [
+    ([300, 17, 64, 128, 1, 900, 33, 250, 700, 12, 5, 1024, 128, 60], 1024, 128),  # a full row too
+    ([300, 17, 64, 128, 1, 900, 33, 250, 700, 12, 5, 1000, 128, 60], 1000, 128),  # L not whole blocks
+    ([64] * 8 + [3, 190, 45], 256, 64),
+    ([1, 2, 3], 8, 128),                                                       # one block, L < block
+])
+def test_host_built_flex_block_mask_equals_create_block_mask(lengths, max_len, block):
+    """The BlockMask built on the host from the layout is create_block_mask's, tensor for
+    tensor (tails of the index lists included), and costs one copy, not a kernel per step of
+    evaluating the mask over B x L x L pairs."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from harness.metrics.speed import DispatchCount
+    from variants.navit import Layout, flex_block_mask, pack_first_fit, row_indices
+    rows = pack_first_fit(lengths, max_len)
+    lay = Layout(rows, lengths, max_len)
+    _, doc, _ = row_indices(lay, torch.device("cpu"))
+    with DispatchCount() as ops:
+        ours = flex_block_mask(lay, doc, block)
+    assert ops.kernels <= 2, ops.names  # the int32 buffer's copy (on CPU: none)
+
+    def same_image(b, h, q_idx, kv_idx):
+        return doc[b, q_idx] == doc[b, kv_idx]
+
+    ref = create_block_mask(same_image, len(rows), None, max_len, max_len, device="cpu", BLOCK_SIZE=block)
+    assert ours.seq_lengths == ref.seq_lengths and tuple(ours.BLOCK_SIZE) == tuple(ref.BLOCK_SIZE)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    # and FlexAttention gives the same output with either (eager, CPU inference)
+    from torch.nn.attention.flex_attention import flex_attention
+    q, k, v = torch.randn(3, len(rows), 2, max_len, 16).unbind(0)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=ours),
+                               flex_attention(q, k, v, block_mask=ref), atol=0, rtol=0)
+
+
 def test_attention_paths_agree_and_cpu_default_is_recorded():
     imgs = images(10)
     outs = {}

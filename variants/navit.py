@@ -359,9 +359,74 @@ class AttnContext:
     tail: int = 0                               # grouped: padding rows after the real tokens
 
 
+FLEX_BLOCK = 128  # FlexAttention's default sparse block (query and key)
+
+
+def block_sparsity(layout: Layout, block: int = FLEX_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Which (query block, key block) tiles of each row hold some / only same-image pairs.
+
+    Each row is its images' runs of tokens, then the padding run (doc -1, which matches only
+    itself, as in the mask); positions past the row, up to a whole block, match nothing.
+    Returns (partial, full), bool (B, nb, nb): full where all block x block pairs match,
+    partial where some but not all do -- what ``create_block_mask`` finds by evaluating the
+    mask over all B x L x L pairs, here from the runs' overlaps with the blocks."""
+    L = layout.length
+    nb = -(-L // block)
+    runs = []
+    for row in layout.rows:
+        ends = np.cumsum([layout.lengths[i] for i in row]).tolist()
+        if not ends or ends[-1] < L:
+            ends.append(L)
+        runs.append(ends)
+    S = max(len(r) for r in runs)
+    end = np.zeros((len(runs), S), np.int64)
+    for b, r in enumerate(runs):
+        end[b, :len(r)] = r
+        end[b, len(r):] = r[-1]  # empty runs
+    start = np.concatenate([np.zeros((len(runs), 1), np.int64), end[:, :-1]], axis=1)
+    lo = np.arange(nb, dtype=np.int64) * block
+    overlap = np.clip(np.minimum(end[..., None], lo + block) - np.maximum(start[..., None], lo),
+                      0, None)  # (B, S, nb): tokens of run s in block j
+    pairs = np.einsum("bsi,bsj->bij", overlap, overlap)  # matching pairs per tile
+    full = pairs == block * block
+    return (pairs > 0) & ~full, full
+
+
+def flex_block_mask(layout: Layout, doc: torch.Tensor, block: int = FLEX_BLOCK):
+    """FlexAttention's BlockMask for the packs, built on the host from the layout.
+
+    The same tensors as ``create_block_mask(same_image, B, None, L, L)`` (a test compares
+    them), without evaluating the mask on the device: that is dozens of small kernels and
+    about 6 ms of host time per forward (measured on the meta device), and a packed step on
+    a GPU is bound by its host (docs/speed.md). Here: numpy, one copy to the device, views.
+    A torch whose BlockMask takes other arguments gets ``create_block_mask``."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    B, L = (int(s) for s in doc.shape)
+
+    def same_image(b, h, q_idx, kv_idx):
+        return doc[b, q_idx] == doc[b, kv_idx]
+
+    partial, full = block_sparsity(layout, block)
+    parts = []
+    for m in (partial, full, partial.transpose(0, 2, 1), full.transpose(0, 2, 1)):
+        parts += [m.sum(-1), np.argsort(~m, axis=-1, kind="stable")]  # counts, then indices
+    flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in parts]).astype(np.int32))
+    flat = flat.to(doc.device)
+    views, pos = [], 0
+    for a in parts:
+        views.append(flat[pos: pos + a.size].view(B, 1, *a.shape[1:]))
+        pos += a.size
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+             "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    try:
+        return BlockMask(seq_lengths=(L, L), **dict(zip(names, views)), BLOCK_SIZE=(block, block),
+                         mask_mod=same_image)
+    except TypeError:
+        return create_block_mask(same_image, B, None, L, L, device=doc.device, BLOCK_SIZE=block)
+
+
 def row_context(layout: Layout, doc: torch.Tensor, path: str) -> AttnContext:
     """Attention over the (B, L) row layout: key padding, dense block mask, loop or flex."""
-    B, L = doc.shape
     if path == "key_padding":
         if not layout.padded:
             return AttnContext("sdpa")
@@ -369,13 +434,7 @@ def row_context(layout: Layout, doc: torch.Tensor, path: str) -> AttnContext:
     if path == "dense_mask":
         return AttnContext(path, mask=block_diagonal_mask(doc))  # (B, 1, L, L)
     if path == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def same_image(b, h, q_idx, kv_idx):
-            return doc[b, q_idx] == doc[b, kv_idx]
-
-        return AttnContext(path, block_mask=create_block_mask(same_image, B, None, L, L,
-                                                              device=doc.device))
+        return AttnContext(path, block_mask=flex_block_mask(layout, doc))
     segments = []
     for row in layout.rows:
         pos, segs = 0, []
