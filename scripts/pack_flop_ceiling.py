@@ -10,7 +10,8 @@ gpu profile batch (the same images as ``harness bench-packing``), pad against pa
   (key padding masks keys, the kernel still runs them);
 - pack: rows of ``max_seq_len`` slots (flex keeps that length static), and the attention work
   FlexAttention does: every block of ``block_size`` x ``block_size`` query-key pairs its
-  BlockMask marks partial or full, from ``create_block_mask`` over the packs' image ids.
+  BlockMask marks partial or full (``variants.navit.block_sparsity``, the model's own
+  BlockMask, tested equal to ``create_block_mask``'s).
 
 Per token and layer, the Linears cost (4 + 2 * mlp_ratio) * D^2 MACs; per query-key pair,
 attention costs 2 * D (q.k and the weighted sum of v). The ideal speedup of the benchmarks
@@ -34,8 +35,7 @@ def ceiling(images, model, block_sizes) -> dict:
     D, p = cfg.hidden_size, cfg.patch_size
     n = np.array([(int(x.shape[1]) // p) * (int(x.shape[2]) // p) for x in images], np.int64)
     lay = model.layout(n.tolist(), "flex")
-    _, doc, _ = nv.row_indices(lay, torch.device("cpu"))
-    B, L = (int(s) for s in doc.shape)
+    B, L = len(lay.rows), lay.length
     per_token = (4 + 2 * cfg.mlp_ratio) * D * D
     per_pair = 2 * D
     pad_tokens = len(n) * int(n.max())
@@ -43,14 +43,9 @@ def ceiling(images, model, block_sizes) -> dict:
     out = {"images": len(n), "real_tokens": int(n.sum()), "pad_tokens": pad_tokens, "rows": B,
            "slots": B * L, "token_ideal": pad_tokens / int(n.sum()),
            "block_diagonal_pairs": int((n ** 2).sum()), "blocks": {}}
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def same_image(b, h, q_idx, kv_idx):
-        return doc[b, q_idx] == doc[b, kv_idx]
-
     for bs in block_sizes:
-        bm = create_block_mask(same_image, B, None, L, L, device="cpu", BLOCK_SIZE=bs)
-        pairs = (int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum())) * bs * bs
+        partial, full = nv.block_sparsity(lay, bs)  # the tiles create_block_mask marks (tested)
+        pairs = int(partial.sum() + full.sum()) * bs * bs
         pack = B * L * per_token + pairs * per_pair
         out["blocks"][bs] = {"pairs": pairs, "mac_ratio": pad / pack}
     return out
