@@ -54,6 +54,16 @@ def make_batch(n: int, in_channels: int, min_size: int, max_size: int, step: int
     return [torch.rand(in_channels, h, w, generator=gen).to(device) for h, w in sizes]
 
 
+def model_overrides(max_size: int, max_seq_len: int, patch_size: int = 4, depth: int = 0) -> dict:
+    """The NaViT config of this benchmark's batches: greyscale images up to ``max_size`` px,
+    absolute position slots for all of them, 10 classes; ``depth`` 0 keeps the variant's."""
+    out = {"input_size": max_size, "max_seq_len": max_seq_len, "max_grid": max_size // patch_size,
+           "patch_size": patch_size, "in_channels": 1, "num_classes": 10}
+    if depth:
+        out["depth"] = depth
+    return out
+
+
 def build_arms(variant: str, overrides: dict, arms: dict[str, dict], device: torch.device,
                seed: int) -> dict:
     """One model per arm, all with the weights of the first (the arms add no parameters)."""
@@ -140,11 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         set_threads(args.threads)
     torch.manual_seed(args.seed)
-    overrides = {"input_size": args.max_size, "max_seq_len": args.max_seq_len,
-                 "max_grid": args.max_size // args.patch_size, "patch_size": args.patch_size,
-                 "in_channels": 1, "num_classes": 10}
-    if args.depth:
-        overrides["depth"] = args.depth
+    overrides = model_overrides(args.max_size, args.max_seq_len, args.patch_size, args.depth)
     if args.compile_blocks:
         overrides["compile_blocks"] = True
     images = make_batch(args.batch_size, 1, args.min_size, args.max_size, args.size_step,

@@ -17,7 +17,7 @@ import time
 import torch
 
 from harness import registry
-from harness.bench_packing import make_batch
+from harness.bench_packing import make_batch, model_overrides
 from harness.metrics.speed import DispatchCount
 from variants.navit import flex_block_mask, row_indices
 
@@ -28,8 +28,7 @@ def main() -> None:
     p.add_argument("--max-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=21)
     a = p.parse_args()
-    cfg = {"input_size": a.max_size, "max_seq_len": 1024, "max_grid": a.max_size // 4,
-           "patch_size": 4, "in_channels": 1, "num_classes": 10, "depth": 12, "batching": "pack"}
+    cfg = {**model_overrides(a.max_size, 1024, depth=12), "batching": "pack"}
     images = make_batch(a.images, 1, 8, a.max_size, 8, 2.0, 0, torch.device("cpu"))
     model, _ = registry.build("navit-ti", cfg, device="cpu", seed=0)
     with torch.no_grad():

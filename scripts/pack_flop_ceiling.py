@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from harness import registry
-from harness.bench_packing import make_batch
+from harness.bench_packing import make_batch, model_overrides
 from variants import navit as nv
 
 
@@ -59,8 +59,7 @@ def main() -> None:
     a.add_argument("--skews", type=float, nargs="+", default=[0.0, 2.0, 4.0])
     a.add_argument("--block-sizes", type=int, nargs="+", default=[128, 64])
     args = a.parse_args()
-    cfg = {"input_size": args.max_size, "max_seq_len": args.max_seq_len, "max_grid": args.max_size // 4,
-           "patch_size": 4, "in_channels": 1, "num_classes": 10, "depth": 12, "batching": "pack"}
+    cfg = {**model_overrides(args.max_size, args.max_seq_len, depth=12), "batching": "pack"}
     model, _ = registry.build("navit-ti", cfg, device="cpu", seed=0)
     print(f"NaViT-Ti blocks, {args.images} images of 8-{args.max_size} px (bench-packing's batch, "
           f"seed 0), pack rows of {args.max_seq_len} slots; MACs of one forward, pad / pack")

@@ -257,6 +257,14 @@ class Layout:
     lengths: list[int]              # tokens per image (after dropping)
     length: int                     # L: tokens per row
 
+    def runs(self) -> list[list[tuple[int, int]]]:
+        """(start, n tokens) of each image in its row, per row."""
+        out = []
+        for row in self.rows:
+            starts = np.cumsum([0] + [self.lengths[i] for i in row[:-1]]).tolist()
+            out.append([(s, self.lengths[i]) for s, i in zip(starts, row)])
+        return out
+
     @property
     def real(self) -> int:
         return sum(self.lengths)
@@ -372,17 +380,9 @@ def block_sparsity(layout: Layout, block: int = FLEX_BLOCK) -> tuple[np.ndarray,
     mask over all B x L x L pairs, here from the runs' overlaps with the blocks."""
     L = layout.length
     nb = -(-L // block)
-    runs = []
-    for row in layout.rows:
-        ends = np.cumsum([layout.lengths[i] for i in row]).tolist()
-        if not ends or ends[-1] < L:
-            ends.append(L)
-        runs.append(ends)
+    runs = [[s + n for s, n in row] + [L] for row in layout.runs()]  # run ends, padding last
     S = max(len(r) for r in runs)
-    end = np.zeros((len(runs), S), np.int64)
-    for b, r in enumerate(runs):
-        end[b, :len(r)] = r
-        end[b, len(r):] = r[-1]  # empty runs
+    end = np.array([r + [L] * (S - len(r)) for r in runs], np.int64)  # (empty runs at L)
     start = np.concatenate([np.zeros((len(runs), 1), np.int64), end[:, :-1]], axis=1)
     lo = np.arange(nb, dtype=np.int64) * block
     overlap = np.clip(np.minimum(end[..., None], lo + block) - np.maximum(start[..., None], lo),
@@ -435,14 +435,7 @@ def row_context(layout: Layout, doc: torch.Tensor, path: str) -> AttnContext:
         return AttnContext(path, mask=block_diagonal_mask(doc))  # (B, 1, L, L)
     if path == "flex":
         return AttnContext(path, block_mask=flex_block_mask(layout, doc))
-    segments = []
-    for row in layout.rows:
-        pos, segs = 0, []
-        for i in row:
-            segs.append((pos, layout.lengths[i]))
-            pos += layout.lengths[i]
-        segments.append(segs)
-    return AttnContext("loop", segments=segments)
+    return AttnContext("loop", segments=layout.runs())
 
 
 def grouped_order(lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
