@@ -28,6 +28,11 @@ def main() -> None:
     p.add_argument("--max-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=21)
     a = p.parse_args()
+    for name in ("images", "repeats"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(a, name)}")
+    if a.max_size < 8:
+        p.error(f"--max-size must be at least 8 px (the smallest side drawn), got {a.max_size}")
     cfg = {**model_overrides(a.max_size, 1024, depth=12), "batching": "pack"}
     images = make_batch(a.images, 1, 8, a.max_size, 8, 2.0, 0, torch.device("cpu"))
     model, _ = registry.build("navit-ti", cfg, device="cpu", seed=0)

@@ -59,6 +59,13 @@ def main() -> None:
     a.add_argument("--skews", type=float, nargs="+", default=[0.0, 2.0, 4.0])
     a.add_argument("--block-sizes", type=int, nargs="+", default=[128, 64])
     args = a.parse_args()
+    for name in ("images", "max_size", "max_seq_len"):
+        if getattr(args, name) < 1:
+            a.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_size < 8:
+        a.error(f"--max-size must be at least 8 px (the smallest side drawn), got {args.max_size}")
+    if min(args.block_sizes) < 1:
+        a.error(f"--block-sizes must be positive, got {args.block_sizes}")
     cfg = {**model_overrides(args.max_size, args.max_seq_len, depth=12), "batching": "pack"}
     model, _ = registry.build("navit-ti", cfg, device="cpu", seed=0)
     print(f"NaViT-Ti blocks, {args.images} images of 8-{args.max_size} px (bench-packing's batch, "
