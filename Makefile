@@ -19,7 +19,7 @@ PIP := $(PY) -m pip
 QUIET_PIP := grep -v -e "is ignored: it is neither" -e "^$$" || true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test demo bench-deps speed-reports gpu-target clean
+.PHONY: install test demo bench-deps speed-reports gpu-target gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -72,6 +72,13 @@ speed-reports: bench-deps
 	$(PY) -m harness.bench_packing --steps 15 --warmup 3 --processes 3 --skew 4 --out reports/packing_bench-$(PROFILE)$(SUFFIX)-skew4/README.md
 	$(PY) -m harness.bench_peer --processes 5 --rounds 9 --out reports/peer_vit_pytorch$(SUFFIX)/README.md
 	$(PY) -m harness.bench_peer overhead --seconds 60 --out reports/overhead$(SUFFIX)/README.md
+
+# For a CUDA machine that has torch but no package index: `make gpu-wheels PRESENT=FILE` (FILE
+# names the packages it has) puts the rest of the harness's dependencies as wheels in .whl/;
+# carried there, scripts/gpu_checks.sh's header says how to install and run them
+PRESENT ?=
+gpu-wheels: install
+	bash scripts/gpu_wheels.sh "$(PRESENT)"
 
 gpu-target: install
 	$(call studies,speed_dit,gpu-target)

@@ -5,6 +5,11 @@
 #
 #   PY=python3 DEADLINE=540 SUFFIX=-h200 bash scripts/gpu_checks.sh [OUTDIR]
 #
+# The dependencies can travel as wheels: `make gpu-wheels PRESENT=FILE` here (FILE names the
+# packages the device has), then on the device, before this script,
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site:$PWD
+#
 # Each step gets what is left of DEADLINE seconds (skipped under 30); after each, the reports
 # and runs named *$SUFFIX are packed into OUTDIR/results.tgz, so a run cut short keeps what
 # finished. Steps: the packing benchmark at the gpu profile's size, eager and with compiled

@@ -108,6 +108,45 @@ def test_pack_flop_ceiling_counts_flex_blocks_and_padded_attention_exactly():
     assert r["blocks"][64]["mac_ratio"] == pytest.approx(1.0)
 
 
+def test_gpu_wheels_carries_only_what_the_device_lacks_and_refuses_bad_input(tmp_path):
+    """scripts/gpu_wheels.sh: a device that already has every package of this venv needs no
+    wheels (nothing fetched, no folder made); one that lacks torch and optuna gets optuna
+    alone; an unreadable or empty list stops with exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_wheels.sh"
+    freeze = subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True, check=True).stdout
+    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable}
+
+    def run(present_text, name="present.txt"):
+        present = tmp_path / name
+        present.write_text(present_text)
+        return subprocess.run(["bash", str(script), str(present), str(tmp_path / "whl")],
+                              capture_output=True, text=True, env=env, timeout=120)
+    r = run(freeze)
+    assert r.returncode == 0 and "0 packages to carry" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "whl").exists()
+    # the same names as an image's comma-separated manifest, in capitals: still nothing
+    names = [line.split("==")[0] for line in freeze.splitlines() if "==" in line]
+    r = run(", ".join(n.upper() for n in names), "manifest.txt")
+    assert r.returncode == 0 and "0 packages to carry" in r.stdout, r.stdout + r.stderr
+    bad = subprocess.run(["bash", str(script), str(tmp_path / "missing.txt")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "cannot read PRESENT file" in bad.stderr
+    r = run(" \n")
+    assert r.returncode == 2 and "names no packages" in r.stderr
+    # a device without optuna (and, as ever, torch left to the device): optuna alone, named
+    # with this venv's version, and nothing fetched under LIST_ONLY
+    env["LIST_ONLY"] = "1"
+    r = run("\n".join(n for n in names if n.lower() not in ("torch", "optuna")))
+    import optuna
+    assert r.returncode == 0, r.stderr
+    assert f"1 packages to carry: optuna=={optuna.__version__}" in r.stdout, r.stdout
+    assert not (tmp_path / "whl").exists()
+
+
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
     """--call-costs: one grouped pack arm per cost, each against pad; a cost of 0 makes one
     attention call per image length, a huge one a single call, and the report says so."""
