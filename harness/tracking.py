@@ -138,8 +138,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema-creation chatter
         self.uri = check_tracking_uri(tracking_uri)
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if (db := sqlite_file(self.uri)) is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -248,7 +248,7 @@ def serve_ui(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int =
     runs_dir = Path(runs_dir)
     uri = backend_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(runs_dir)
     check_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if (db := sqlite_file(uri)) is not None and not db.exists():
         raise StorageError(f"no MLflow store at {uri}: run a study first (harness run STUDY)")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", artifact_root(runs_dir), "--serve-artifacts",

@@ -19,7 +19,7 @@ import torch
 from harness import registry
 from harness.bench_packing import make_batch, model_overrides
 from harness.metrics.speed import DispatchCount
-from variants.navit import flex_block_mask, row_indices
+from variants.navit import create_flex_block_mask, flex_block_mask, row_indices
 
 
 def main() -> None:
@@ -45,19 +45,12 @@ def main() -> None:
           f"run a kernel, {total - ops.kernels} views")
     print("  " + ", ".join(f"{k} {n}" for k, n in ops.names.most_common()))
 
-    from torch.nn.attention.flex_attention import create_block_mask
     tok, lengths, _ = model.tokenize(images)
     lay = model.layout(lengths, "flex")
     _, doc, _ = row_indices(lay, torch.device("cpu"))
     B, L = (int(s) for s in doc.shape)
-
-    def create(d):
-        def same_image(b, h, q_idx, kv_idx):
-            return d[b, q_idx] == d[b, kv_idx]
-        return create_block_mask(same_image, B, None, L, L, device=d.device)
-
     ways = {"host-built (flex_block_mask)": lambda d: flex_block_mask(lay, d),
-            "create_block_mask": create}
+            "create_block_mask": create_flex_block_mask}
     for name, make in ways.items():
         make(doc)
         with DispatchCount() as ops:

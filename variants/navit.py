@@ -261,8 +261,8 @@ class Layout:
         """(start, n tokens) of each image in its row, per row."""
         out = []
         for row in self.rows:
-            starts = np.cumsum([0] + [self.lengths[i] for i in row[:-1]]).tolist()
-            out.append([(s, self.lengths[i]) for s, i in zip(starts, row)])
+            n = [self.lengths[i] for i in row]
+            out.append(list(zip(_offsets(n).tolist(), n)))
         return out
 
     @property
@@ -400,12 +400,8 @@ def flex_block_mask(layout: Layout, doc: torch.Tensor, block: int = FLEX_BLOCK):
     about 6 ms of host time per forward (measured on the meta device), and a packed step on
     a GPU is bound by its host (docs/speed.md). Here: numpy, one copy to the device, views.
     A torch whose BlockMask takes other arguments gets ``create_block_mask``."""
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
     B, L = (int(s) for s in doc.shape)
-
-    def same_image(b, h, q_idx, kv_idx):
-        return doc[b, q_idx] == doc[b, kv_idx]
-
     partial, full = block_sparsity(layout, block)
     parts = []
     for m in (partial, full, partial.transpose(0, 2, 1), full.transpose(0, 2, 1)):
@@ -420,9 +416,24 @@ def flex_block_mask(layout: Layout, doc: torch.Tensor, block: int = FLEX_BLOCK):
              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
     try:
         return BlockMask(seq_lengths=(L, L), **dict(zip(names, views)), BLOCK_SIZE=(block, block),
-                         mask_mod=same_image)
+                         mask_mod=same_image_mod(doc))
     except TypeError:
-        return create_block_mask(same_image, B, None, L, L, device=doc.device, BLOCK_SIZE=block)
+        return create_flex_block_mask(doc, block)
+
+
+def same_image_mod(doc: torch.Tensor):
+    """FlexAttention's mask_mod for the packs: a query sees the keys of its own image."""
+    def same_image(b, h, q_idx, kv_idx):
+        return doc[b, q_idx] == doc[b, kv_idx]
+    return same_image
+
+
+def create_flex_block_mask(doc: torch.Tensor, block: int = FLEX_BLOCK):
+    """The packs' BlockMask from torch's ``create_block_mask``: the mask evaluated over all
+    B x L x L pairs on doc's device (what ``flex_block_mask`` derives on the host)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, L = (int(s) for s in doc.shape)
+    return create_block_mask(same_image_mod(doc), B, None, L, L, device=doc.device, BLOCK_SIZE=block)
 
 
 def row_context(layout: Layout, doc: torch.Tensor, path: str) -> AttnContext:
