@@ -59,7 +59,7 @@ def main() -> None:
     a.add_argument("--skews", type=float, nargs="+", default=[0.0, 2.0, 4.0])
     a.add_argument("--block-sizes", type=int, nargs="+", default=[128, 64])
     args = a.parse_args()
-    for name in ("images", "max_size", "max_seq_len"):
+    for name in ("images", "max_seq_len"):
         if getattr(args, name) < 1:
             a.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_size < 8:

@@ -73,20 +73,16 @@ def test_host_built_flex_block_mask_equals_create_block_mask(lengths, max_len, b
     """The BlockMask built on the host from the layout is create_block_mask's, tensor for
     tensor (tails of the index lists included), and costs one copy, not a kernel per step of
     evaluating the mask over B x L x L pairs."""
-    from torch.nn.attention.flex_attention import create_block_mask
     from harness.metrics.speed import DispatchCount
-    from variants.navit import Layout, flex_block_mask, pack_first_fit, row_indices
+    from variants.navit import (Layout, create_flex_block_mask, flex_block_mask, pack_first_fit,
+                                row_indices)
     rows = pack_first_fit(lengths, max_len)
     lay = Layout(rows, lengths, max_len)
     _, doc, _ = row_indices(lay, torch.device("cpu"))
     with DispatchCount() as ops:
         ours = flex_block_mask(lay, doc, block)
     assert ops.kernels <= 2, ops.names  # the int32 buffer's copy (on CPU: none)
-
-    def same_image(b, h, q_idx, kv_idx):
-        return doc[b, q_idx] == doc[b, kv_idx]
-
-    ref = create_block_mask(same_image, len(rows), None, max_len, max_len, device="cpu", BLOCK_SIZE=block)
+    ref = create_flex_block_mask(doc, block)  # torch's create_block_mask over all B x L x L pairs
     assert ours.seq_lengths == ref.seq_lengths and tuple(ours.BLOCK_SIZE) == tuple(ref.BLOCK_SIZE)
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
