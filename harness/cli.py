@@ -13,6 +13,7 @@ from typing import Sequence
 
 from .errors import ConfigError, HarnessError, check_counts
 from .metrics import cpu_attention, cpu_gelu, cpu_malloc, cpu_matmul, cpu_mkl
+from .metrics.kernel_choice import resolve_kernel_paths
 
 
 def parse_sets(items: Sequence[str] | None) -> dict:
@@ -168,7 +169,7 @@ def cmd_bench(args) -> int:
 
 
 ARMS = {"eager": "the model as built (fp32)",
-        "compile": "torch.compile(model)",
+        "compile": "torch.compile(model), one static full graph",
         "bf16": "bf16 autocast",
         "aten-gelu": "fp32, tanh-GELU on torch's own kernel (HARNESS_CPU_GELU=aten)",
         "sdpa-attn": "fp32, every attention call through SDPA (HARNESS_CPU_ATTENTION=sdpa)",
@@ -214,7 +215,7 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
     import torch
 
     from . import registry
-    from .metrics.speed import adamw, alternate, make_train_step, paired_ratios
+    from .metrics.speed import adamw, alternate, compiled, make_train_step, paired_ratios
     arms = parse_arms(args.alternate)
     device = torch.device(device)
     check_counts(("--rounds", args.rounds, 1))
@@ -234,7 +235,7 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
         optim = adamw(model.parameters(), device)
         steps = {}
         for arm in arms:
-            run = torch.compile(model) if arm == "compile" else model
+            run = compiled(model, dynamic=False) if arm == "compile" else model
             attention = "math" if arm == "math-attn" else args.attention
             steps[arm] = with_kernel_paths(
                 make_train_step(model, run, inputs, optim, device, bf16=arm == "bf16",
@@ -435,9 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu_malloc.tune()  # keep the CPU heap between steps (harness/metrics/cpu_malloc.py)
     parser = build_parser()
     try:
-        cpu_matmul.path()  # a bad HARNESS_CPU_LINEAR fails here, before any compute
-        cpu_gelu.path()    # and a bad HARNESS_CPU_GELU
-        cpu_attention.path()  # and a bad HARNESS_CPU_ATTENTION
+        resolve_kernel_paths()  # a bad HARNESS_CPU_LINEAR / _GELU / _ATTENTION fails here
         cpu_mkl.check()    # and a HARNESS_CPU_MKL that is bad or did not take effect
         if argv and argv[0] == "bench-packing":
             return cmd_bench_packing(None, argv[1:])

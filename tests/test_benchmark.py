@@ -9,7 +9,7 @@ import torch
 
 from harness import registry
 from harness.data.base import build_dataset, get_dataset
-from harness.metrics import peak
+from harness.metrics import cpu_gelu, peak
 from harness.metrics.flops import flops_of
 from harness.metrics.speed import SpeedOptions, measure_speed
 from harness.studies import load_study
@@ -231,6 +231,24 @@ def test_channels_last_keeps_the_numbers_of_a_conv_model():
     out = measure_speed(model, SpeedOptions(batch_size=2, warmup=0, steps=1, channels_last=True))
     assert out["channels_last"] is True and out["train_samples_per_s"] > 0
     assert model.x_embedder.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not cpu_gelu.fused_available(), reason="torch.compile cannot build CPU kernels here")
+def test_compiled_speed_runs_a_static_full_graph_per_batch():
+    """``compile=true`` times the model as one graph (a break would be an error, not a
+    quietly eager frame), static per batch size: the second batch gets its own graph, not a
+    symbolic one that depends on which trial ran first in the process."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model, _ = registry.build("dit-s/2", TINY_DIT, seed=0)
+    for batch in (2, 3, 4):
+        out = measure_speed(model, SpeedOptions(batch_size=batch, warmup=1, steps=1, compile=True,
+                                                train=False))  # inference: quicker to compile
+        assert out["compile"] is True and out["infer_samples_per_s"] > 0
+    assert not counters["graph_break"]
+    # a graph per batch; symbolic sizes would have served 3 and 4 with one graph (2 in all)
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 def sdpa_ops_under(backend: str) -> set[str]:

@@ -343,6 +343,23 @@ def test_compiled_blocks_match_eager_and_compile_without_graph_breaks():
     assert count_flops(comp, (imgs,))["gflops_fwd"] == count_flops(eager, (imgs,))["gflops_fwd"] > 0
 
 
+@pytest.mark.skipif(not cpu_gelu.fused_available(), reason="torch.compile cannot build CPU kernels here")
+def test_compiled_flex_blocks_are_one_graph_with_the_host_built_block_mask():
+    """The GPU's packed path (FlexAttention under compiled blocks, the BlockMask built on the
+    host) traces as one full graph and gives eager FlexAttention's logits; CPU inference
+    only (FlexAttention has no CPU backward)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build(attn_impl="flex", depth=1).eval()
+    comp = build(attn_impl="flex", depth=1, compile_blocks=True).eval()
+    imgs = images(12, model=eager)
+    with torch.no_grad():
+        a, b = eager(imgs), comp(imgs)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
 # ------------------------------------------------------------------ positions
 
 def test_fractional_positions_accept_unseen_resolutions_absolute_refuse():

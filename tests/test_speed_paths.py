@@ -695,3 +695,53 @@ def test_cpu_attention_default_env_override_and_cli_check(tmp_path):
     r = _cli_smoke_run_with(cpu_attention.ENV, "flash", tmp_path)
     assert r.returncode != 0 and "HARNESS_CPU_ATTENTION='flash'" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+needs_compile = pytest.mark.skipif(not cpu_gelu.fused_available(),
+                                   reason="torch.compile cannot build CPU kernels here")
+
+
+@needs_compile
+def test_timed_compiled_paths_run_compiled_or_fail_never_eager():
+    """``speed.compiled``: a study's trials share one process and dynamo's cache of graphs per
+    code object (8 by default), which the packing study's compiled blocks outgrew after five
+    trials and then ran eager with only a log line.  Twelve graphs of one function now all
+    compile; a graph break is an error, not a silent eager frame."""
+    from torch._dynamo.utils import counters
+    from harness.metrics.speed import RECOMPILE_LIMIT, compiled
+
+    def step(x, arm: str):  # one graph per arm: dynamo guards on the string
+        return x * 2 + 1 if arm else x
+
+    torch._dynamo.reset()
+    counters.clear()
+    run = compiled(step)
+    x = torch.ones(4)
+    for i in range(12):
+        assert torch.equal(run(x, f"arm{i}"), torch.full((4,), 3.0))
+    assert counters["stats"]["unique_graphs"] == 12 and not counters["graph_break"]
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT > 12
+
+    def breaks(x):
+        print("host side effect")  # a graph break
+        return x + 1
+
+    with pytest.raises(Exception, match="print|graph break|Unsupported"):
+        compiled(breaks)(x)
+
+
+@needs_compile
+def test_compiled_blocks_trace_when_their_first_call_picks_the_kernel_paths(monkeypatch):
+    """The CPU kernel paths are resolved once per process, reading files; a process whose
+    first model call was compiled (``python -m harness.bench_packing --compile-blocks``)
+    resolved them inside the trace, and the blocks fell back to eager at that graph break."""
+    from variants.navit import NaViT, NaViTConfig
+    for module in (cpu_matmul, cpu_gelu, cpu_attention):
+        monkeypatch.setattr(module._choice, "_path", None)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = NaViT(NaViTConfig(hidden_size=32, depth=1, num_heads=2, patch_size=4, max_grid=8,
+                              max_seq_len=64, compile_blocks=True))
+    out = model([torch.rand(1, 16, 8), torch.rand(1, 8, 12)])
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert cpu_matmul._choice._path is not None  # resolved before the compiled call

@@ -244,7 +244,8 @@ def _flex_attention(q, k, v, block_mask):
     if q.device.type != "cuda" or torch.compiler.is_compiling():  # (compiled blocks: traced in)
         return flex_attention(q, k, v, block_mask=block_mask)
     if _FLEX is None:
-        _FLEX = torch.compile(flex_attention)  # automatic dynamic shapes: the pack count varies
+        from harness.metrics.speed import compiled
+        _FLEX = compiled(flex_attention)  # automatic dynamic shapes: the pack count varies
     return _FLEX(q, k, v, block_mask=block_mask)
 
 
@@ -841,7 +842,8 @@ class NaViT(Variant):
         if not self.cfg.compile_blocks or torch.jit.is_tracing():
             return self._blocks(x, ctx)
         if self._compiled_blocks is None:
-            self._compiled_blocks = torch.compile(self._blocks)
+            from harness.metrics.speed import compiled
+            self._compiled_blocks = compiled(self._blocks)  # compiled or an error, never eager
         return self._compiled_blocks(x, ctx)
 
     # ---------------------------------------------------------- Variant protocol

@@ -22,6 +22,14 @@ def kernel_env() -> str:
                    if os.environ.get(k, "").strip())
 
 
+def resolve_kernel_paths() -> None:
+    """Fix every CPU kernel path now (``cpu_matmul``, ``cpu_gelu``, ``cpu_attention``): a bad
+    ``HARNESS_CPU_*`` fails here, before any compute."""
+    from . import cpu_attention, cpu_gelu, cpu_matmul
+    for choice in (cpu_matmul, cpu_gelu, cpu_attention):
+        choice.path()
+
+
 class KernelChoice:
     """``choices[0]`` is the plain path that always works; ``unavailable(name)`` says why
     another cannot run here (None: it can); ``rule()`` is the default."""

@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ConfigError
 from . import cpu_attention, cpu_malloc, cpu_mkl
+from .kernel_choice import resolve_kernel_paths
 
 # harness name -> torch.nn.attention.SDPBackend member
 ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -444,6 +445,26 @@ def check_compile_supported(setting: str, unset: str) -> None:
                           f"set {unset}")
 
 
+# compiled graphs a timed function may hold: a study's trials share one process, and dynamo
+# keys its cache on the code object, so every arm, grad mode and shape adds to one count
+RECOMPILE_LIMIT = 64
+
+
+def compiled(fn, dynamic: bool | None = None):
+    """``torch.compile(fn)`` for a timed path, which runs compiled or fails, never falls back
+    to eager unseen: ``fullgraph`` makes a graph break an error, and past dynamo's limit of
+    cached graphs per code object (raised to ``RECOMPILE_LIMIT`` for this process: 8 was
+    spent after five trials of the packing study) a call fails instead of running eager.
+    ``dynamic=False``: a graph per input shape, so a timed fixed batch gets its own static
+    graph whichever shapes ran before it in the process (by default a second shape makes
+    dynamo recompile with symbolic sizes, for inputs that vary from call to call)."""
+    resolve_kernel_paths()  # a traced call cannot resolve one (it reads files: a graph break)
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
+
+
 class DispatchCount(TorchDispatchMode):
     """Counts the ops torch dispatches inside ``with DispatchCount() as ops:`` by name
     (``ops.names``); ``ops.kernels`` leaves out the views, which run no kernel.  On a GPU
@@ -552,7 +573,7 @@ def measure_speed(model: nn.Module, opts: SpeedOptions | None = None,
         inputs = model.example_inputs(opts.batch_size, device=device, generator=gen)
     if opts.channels_last:
         inputs = channels_last_model(model, inputs)
-    run = torch.compile(model) if opts.compile else model
+    run = compiled(model, dynamic=False) if opts.compile else model  # the batch is fixed
     out: dict = {"batch_size": opts.batch_size, "bf16": opts.bf16, "compile": opts.compile,
                  "channels_last": opts.channels_last, "attention": opts.attention,
                  "malloc": cpu_malloc.mode() if device.type == "cpu" else "",
