@@ -35,6 +35,7 @@ import os
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 from .metrics import cpu_malloc, cpu_mkl
 from .metrics.peak import BUSY_CORES, OtherLoad
-from .metrics.speed import (SETTLED_FAULTS, adamw, alternate, autocast, set_threads,
+from .metrics.speed import (SETTLED_FAULTS, adamw, alternate, autocast, set_threads, sync,
                             settle_method, settling_fields, settling_table)
 
 
@@ -81,10 +82,12 @@ def build_arms(variant: str, overrides: dict, arms: dict[str, dict], device: tor
 
 def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, train: bool,
               warmup: int, steps: int, device: torch.device, settle: int = 0,
-              faults: dict | None = None, bf16: bool = False) -> dict[str, list[float]]:
+              faults: dict | None = None, bf16: bool = False,
+              log=None) -> dict[str, list[float]]:
     """Seconds per step of each arm; timed steps alternate between arms, every other
     round in reverse order, once the heap the arms share has settled (``alternate``'s
-    ``settle`` and ``faults``); ``bf16``: forward and loss under bf16 autocast."""
+    ``settle`` and ``faults``); ``bf16``: forward and loss under bf16 autocast.  ``log``:
+    called with each arm's first warm-up step's time (where compiled blocks compile)."""
     steps_fn = {}
     for name, model in models.items():
         if train:
@@ -104,6 +107,13 @@ def time_arms(models: dict, images: list[torch.Tensor], labels: torch.Tensor, tr
                 with torch.inference_mode(), autocast(device, bf16):
                     model(images)
         steps_fn[name] = step
+    if warmup and log:  # the first warm-up step of each arm, timed for the log
+        for name, step in steps_fn.items():
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            log(f"{name} {'train' if train else 'infer'}: first step {time.perf_counter() - t0:.1f} s")
+        warmup -= 1
     return alternate(steps_fn, device, warmup, rounds=steps, abba=True, settle=settle,
                      faults=faults)
 
@@ -146,6 +156,12 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict:
     """One measurement in this process (``main`` has checked ``args``)."""
     device = torch.device(args.device)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:  # progress on stderr: a run cut short still says where it was
+        print(f"[bench-packing {time.perf_counter() - t_start:.0f}s] {msg}", file=sys.stderr,
+              flush=True)
+
     malloc = cpu_malloc.tune() if device.type == "cpu" else ""  # both arms alike
     if args.threads:
         set_threads(args.threads)
@@ -168,8 +184,11 @@ def run(args: argparse.Namespace) -> dict:
     for name, model in models.items():
         model.eval()
         model.extra_metrics()
+        t0 = time.perf_counter()
         with torch.inference_mode():
             model(images)
+        sync(device)
+        log(f"{name}: first forward {time.perf_counter() - t0:.1f} s (token accounting)")
         stats[name] = model.extra_metrics()
     real = stats["pad"]["real_tokens"]
     ideal = stats["pad"]["tokens_per_real_token"]  # (real + padded tokens of pad) / real
@@ -194,11 +213,12 @@ def run(args: argparse.Namespace) -> dict:
         faults: dict = {}
         with OtherLoad() as other:
             times = time_arms(models, images, labels, mode == "train", args.warmup, args.steps,
-                              device, args.settle, faults, args.bf16)
+                              device, args.settle, faults, args.bf16, log)
         out.update(settling_fields(faults, mode))
         if math.isfinite(other.cores):
             out[f"{mode}_other_cpu_cores"] = other.cores
         med = {name: statistics.median(t) for name, t in times.items()}
+        log(f"{mode}: " + ", ".join(f"{n} {m * 1e3:.1f} ms" for n, m in med.items()) + " per step")
         for name, t in times.items():
             out[f"{name}_{mode}_step_ms_median"] = med[name] * 1e3
             out[f"{name}_{mode}_step_ms_min"] = min(t) * 1e3

@@ -17,6 +17,10 @@ def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsy
                              "--warmup", "1", "--steps", "1", "--threads", "1",
                              "--device", "cpu", "--out", str(out)])
     assert rc == 0
+    # progress on stderr as it goes (a run cut short by a time limit still says where it was)
+    err = capsys.readouterr().err
+    for line in ("pack: first forward", "pad train: first step", "train: pack", "infer: pack"):
+        assert line in err, err
     text = out.read_text()
     r = json.loads((out.parent / "results.json").read_text())
     # the ideal is what padding wastes: (real + padded) / real tokens of the pad arm
