@@ -16,10 +16,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from harness import cli
+from harness.metrics import cpu_gelu
 
 # The test models are tiny: one thread is faster than two (and much faster on a shared
 # machine).  Throughput is never asserted on, so this changes no result.
 torch.set_num_threads(1)
+
+# tests that run torch.compile on CPU (inductor needs a C++ compiler; so does the fused GELU)
+needs_compile = pytest.mark.skipif(not cpu_gelu.fused_available(),
+                                   reason="torch.compile cannot build CPU kernels here")
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,9 @@ import statistics
 import pytest
 
 from harness import bench_packing, bench_peer, processes
-from harness.metrics import cpu_gelu
 from harness.tracking import git_sha
+
+from .conftest import needs_compile
 
 
 def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsys):
@@ -72,7 +73,7 @@ def test_packing_benchmark_bf16_runs_both_arms_under_autocast_and_says_so(tmp_pa
     assert "precision fp32" in bench_packing.render_report(fp32)
 
 
-@pytest.mark.skipif(not cpu_gelu.fused_available(), reason="torch.compile cannot build CPU kernels here")
+@needs_compile
 def test_packing_benchmark_compiles_every_arms_blocks_on_request(tmp_path):
     out = tmp_path / "compiled" / "README.md"
     assert bench_packing.main(["--depth", "1", "--batch-size", "8", "--max-size", "32",

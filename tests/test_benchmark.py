@@ -9,13 +9,13 @@ import torch
 
 from harness import registry
 from harness.data.base import build_dataset, get_dataset
-from harness.metrics import cpu_gelu, peak
+from harness.metrics import peak
 from harness.metrics.flops import flops_of
 from harness.metrics.speed import SpeedOptions, measure_speed
 from harness.studies import load_study
 from harness.tasks.base import Budget, TrialContext, get_task
 
-from .conftest import roundings, run_cli
+from .conftest import needs_compile, roundings, run_cli
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 SPEED_STUDIES = ["speed_dit.yaml", "speed_vivit.yaml", "speed_packing.yaml", "speed_paths.yaml"]
@@ -233,7 +233,7 @@ def test_channels_last_keeps_the_numbers_of_a_conv_model():
     assert model.x_embedder.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.skipif(not cpu_gelu.fused_available(), reason="torch.compile cannot build CPU kernels here")
+@needs_compile
 def test_compiled_speed_runs_a_static_full_graph_per_batch():
     """``compile=true`` times the model as one graph (a break would be an error, not a
     quietly eager frame), static per batch size: the second batch gets its own graph, not a

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from harness import registry
 from harness.data.varres import sample_sizes
 from harness.errors import ConfigError
-from harness.metrics import cpu_gelu
 from harness.metrics.flops import count_flops, flops_of
 from variants.navit import (CPU_PACK_ATTENTION, MAX_DROP_RATE, NaViT, drop_rates, drop_tokens,
                             flops_split, keep_count, pack_first_fit, pack_next_fit,
                             sample_resolution)
+
+from .conftest import needs_compile
 
 SMALL = {"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 4, "input_size": 32,
          "max_seq_len": 128, "max_grid": 8, "res_range": (8, 32)}
@@ -322,7 +323,7 @@ def test_tokenizer_launches_a_fixed_number_of_ops_however_many_images():
     assert counts[4] == counts[32]
 
 
-@pytest.mark.skipif(not cpu_gelu.fused_available(), reason="torch.compile cannot build CPU kernels here")
+@needs_compile
 def test_compiled_blocks_match_eager_and_compile_without_graph_breaks():
     """compile_blocks: the same logits and gradients as eager blocks, from graphs with no
     break in them; FLOP counting traces the eager blocks and counts the same."""
@@ -343,7 +344,7 @@ def test_compiled_blocks_match_eager_and_compile_without_graph_breaks():
     assert count_flops(comp, (imgs,))["gflops_fwd"] == count_flops(eager, (imgs,))["gflops_fwd"] > 0
 
 
-@pytest.mark.skipif(not cpu_gelu.fused_available(), reason="torch.compile cannot build CPU kernels here")
+@needs_compile
 def test_compiled_flex_blocks_are_one_graph_with_the_host_built_block_mask():
     """The GPU's packed path (FlexAttention under compiled blocks, the BlockMask built on the
     host) traces as one full graph and gives eager FlexAttention's logits; CPU inference

@@ -17,6 +17,8 @@ from harness.metrics.speed import SpeedOptions, measure_speed
 from variants import common
 from variants.dit import gated, modulate
 
+from .conftest import needs_compile
+
 
 needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(),
                                   reason="this torch build has no oneDNN linear")
@@ -248,10 +250,6 @@ def test_cpu_speed_records_malloc_mode_and_memory_from_an_extra_step():
 
 # ------------------------------------------------------------ tanh-GELU
 
-needs_fused_gelu = pytest.mark.skipif(not cpu_gelu.fused_available(),
-                                      reason="torch.compile cannot build CPU kernels here")
-
-
 def _path_setter(choice):
     """A function that sets ``choice``'s path for one test; the first path comes back after."""
     olds = []
@@ -265,7 +263,7 @@ def gelu_path():
     yield from _path_setter(cpu_gelu)
 
 
-@needs_fused_gelu
+@needs_compile
 def test_fused_tanh_gelu_equals_torchs_values_and_gradients(gelu_path):
     gelu_path("fused")
     torch.manual_seed(0)
@@ -311,7 +309,7 @@ def _mlp_and_reference(x, mlp):
     return y, ref, torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)
 
 
-@needs_fused_gelu
+@needs_compile
 def test_mlp_adds_fc1s_bias_inside_the_fused_gelu(gelu_path):
     """On the fused path with torch's GEMM, fc1 runs without its bias and the GELU's pass
     adds it: the same values and gradients (fc1's bias included) as F.linear + F.gelu."""
@@ -344,7 +342,7 @@ def test_mlp_adds_fc1s_bias_inside_the_fused_gelu(gelu_path):
         cpu_matmul.set_path(old)
 
 
-@needs_fused_gelu
+@needs_compile
 def test_fused_bias_gelu_compiles_once_for_every_width(gelu_path):
     """One compile serves every hidden width, with and without grad: a kernel that
     specialised on the width (a Parameter's shape) or on requires_grad would recompile per
@@ -373,7 +371,7 @@ def _mlps_of_six_widths():
             mlp(x)
 
 
-@needs_fused_gelu
+@needs_compile
 @needs_onednn
 def test_mlp_leaves_fc1s_bias_to_onednn(gelu_path, onednn_path):
     """oneDNN's Linears add the bias inside the GEMM: there fc1 keeps it, and the GELU is
@@ -400,7 +398,7 @@ def test_tanh_gelu_takes_torchs_kernel_off_the_fused_path(gelu_path):
     torch.testing.assert_close(common.tanh_gelu()(small), F.gelu(small, approximate="tanh"))
 
 
-@needs_fused_gelu
+@needs_compile
 def test_fused_gelu_falls_back_to_torch_once_if_it_cannot_compile(gelu_path, monkeypatch):
     gelu_path("fused")
 
@@ -468,7 +466,7 @@ def test_flop_counter_mode_sees_every_matmul_and_the_fast_paths_survive_it(linea
         cpu_matmul.set_path(old)
 
 
-@needs_fused_gelu
+@needs_compile
 def test_a_warm_fused_mlp_step_builds_no_compile_probe(gelu_path):
     """The compiled kernels are looked up at every call; the probe tensors that compile
     them are built once, not at every call (each cost ~0.2 ms: a 1 MiB linspace)."""
@@ -490,7 +488,7 @@ def test_a_warm_fused_mlp_step_builds_no_compile_probe(gelu_path):
         cpu_matmul.set_path(old)
 
 
-@needs_fused_gelu
+@needs_compile
 def test_a_dispatch_mode_at_the_first_fused_call_does_not_switch_the_fused_gelu_off(gelu_path):
     """The first fused call under a dispatch mode runs torch's ops and leaves the kernels to
     compile at the first call outside it (it used to fail there and fall back for good)."""
@@ -506,7 +504,7 @@ def test_a_dispatch_mode_at_the_first_fused_call_does_not_switch_the_fused_gelu_
     assert "plain" in common._GELU_KERNELS
 
 
-@needs_fused_gelu
+@needs_compile
 def test_cpu_gelu_mlp_benchmark_runs_both_mlps_and_rejects_bad_input(gelu_path, capsys):
     """``python -m harness.metrics.cpu_gelu --mlp``: both arms agree and are timed; bad
     sizes, or a GELU path without the bias kernel, stop it before any timing."""
@@ -695,10 +693,6 @@ def test_cpu_attention_default_env_override_and_cli_check(tmp_path):
     r = _cli_smoke_run_with(cpu_attention.ENV, "flash", tmp_path)
     assert r.returncode != 0 and "HARNESS_CPU_ATTENTION='flash'" in r.stderr
     assert not (tmp_path / "runs").exists()
-
-
-needs_compile = pytest.mark.skipif(not cpu_gelu.fused_available(),
-                                   reason="torch.compile cannot build CPU kernels here")
 
 
 @needs_compile

@@ -34,6 +34,7 @@ from torch import nn
 
 from harness.data.varres import sample_sizes
 from harness.errors import ConfigError
+from harness.metrics.speed import compiled
 from harness.registry import Variant, register
 
 from .common import Attention, Block, Mlp, attention, heads_of
@@ -244,7 +245,6 @@ def _flex_attention(q, k, v, block_mask):
     if q.device.type != "cuda" or torch.compiler.is_compiling():  # (compiled blocks: traced in)
         return flex_attention(q, k, v, block_mask=block_mask)
     if _FLEX is None:
-        from harness.metrics.speed import compiled
         _FLEX = compiled(flex_attention)  # automatic dynamic shapes: the pack count varies
     return _FLEX(q, k, v, block_mask=block_mask)
 
@@ -842,7 +842,6 @@ class NaViT(Variant):
         if not self.cfg.compile_blocks or torch.jit.is_tracing():
             return self._blocks(x, ctx)
         if self._compiled_blocks is None:
-            from harness.metrics.speed import compiled
             self._compiled_blocks = compiled(self._blocks)  # compiled or an error, never eager
         return self._compiled_blocks(x, ctx)
 
