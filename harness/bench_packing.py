@@ -151,6 +151,9 @@ def check_args(args: argparse.Namespace) -> None:
                               "one or more distinct costs >= 0 (units of n^2 attention work "
                               "per image; 0 = one call per image length)")
     cpu_mkl.check()  # HARNESS_CPU_MKL bad, or asked for and not in effect
+    if args.compile_blocks:
+        from .metrics.speed import check_compile_supported
+        check_compile_supported("--compile-blocks", "leave out --compile-blocks", args.device)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -76,7 +76,7 @@ def cmd_bench(args) -> int:
     from .metrics.flops import FLOP_CONVENTION, build_uninitialised, flops_of
     from .metrics.gemm_floor import add_mfu_at_floor
     from .metrics.peak import add_mfu, cached_peak, gemm_probe
-    from .metrics.speed import SpeedOptions, check_attention, measure_speed
+    from .metrics.speed import SpeedOptions, check_attention, check_compile_supported, measure_speed
     from .sweep import resolve_device
 
     overrides = parse_sets(args.set)
@@ -88,6 +88,10 @@ def cmd_bench(args) -> int:
         raise ConfigError("--ops, --mfu and --floor time steps; they cannot go with --flops-only")
     specs = [registry.get(n) for n in args.names]
     cfgs = [s.config(**overrides) for s in specs]  # validate everything before compute
+    for cfg in cfgs:
+        registry.check_config_device(cfg, device)
+    if args.compile:
+        check_compile_supported("--compile", "leave out --compile", device)
     if args.alternate:
         return bench_alternate(args, specs, overrides, device)
     records = []
@@ -215,9 +219,12 @@ def bench_alternate(args, specs, overrides: dict, device) -> int:
     import torch
 
     from . import registry
-    from .metrics.speed import adamw, alternate, compiled, make_train_step, paired_ratios
+    from .metrics.speed import (adamw, alternate, check_compile_supported, compiled,
+                                make_train_step, paired_ratios)
     arms = parse_arms(args.alternate)
     device = torch.device(device)
+    if "compile" in arms:
+        check_compile_supported("--alternate with compile", "leave out the compile arm", device)
     check_counts(("--rounds", args.rounds, 1))
     if args.flops_only or args.ops or args.mfu or args.floor:
         raise ConfigError("--alternate times train steps; it cannot go with --flops-only, --ops, "

@@ -285,6 +285,14 @@ def make_config(cls: type, values: dict, *, where: str = "config") -> Any:
     return cfg
 
 
+def check_config_device(cfg: Any, device: str) -> None:
+    """``cfg.check_device(device)`` where the config has one: a ConfigError for settings
+    this device cannot run (a model config's ``validate`` does not know the device)."""
+    check = getattr(cfg, "check_device", None)
+    if callable(check):
+        check(device)
+
+
 def choices_of(cls: type, key: str) -> tuple | None:
     """The allowed values of a Literal field, or None."""
     tp = config_fields(cls).get(key)

@@ -81,6 +81,7 @@ class Study:
     resolved: dict               # the whole file after the profile was merged
     family: str = ""
     oom_backoff: bool = False    # halve the task's batch_size after an out-of-memory error
+    cell_models: dict = field(default_factory=dict)  # cell id -> its model config (validated)
 
     @property
     def study_name(self) -> str:
@@ -463,8 +464,9 @@ def load_study(path: str | Path, profile: str | None = None, *,
     for cell in study.cells():
         cid = cell_id(cell)
         try:
-            resolve_trial(study, cell, seed=study.seeds[0], search_values=None, check_paths=roots,
-                          data_info_cache=infos)
+            study.cell_models[cid] = resolve_trial(
+                study, cell, seed=study.seeds[0], search_values=None, check_paths=roots,
+                data_info_cache=infos).model_cfg
         except HarnessError as e:
             raise StudyError(f"{where}: cell {cid}: {e}") from None
     for i, r in enumerate(ratios):  # after the cells: a bad reference config is named as such

@@ -492,6 +492,7 @@ class Runner:
             self.data_cache[key] = build_dataset(s.data, resolved.data_options)
         data = self.data_cache[key]
         task.check_device(resolved.task_options, self.device)
+        registry.check_config_device(resolved.model_cfg, self.device)
         task.check(resolved.task_options, resolved.model_cfg, data)
 
         t0 = time.perf_counter()
@@ -603,13 +604,15 @@ def prepare(study_path, profile, storage, tracking_uri, runs_dir, device) -> tup
 
 
 def check_cells_on_device(study, device: str) -> None:
-    """Every cell's task options against the device the trials will run on (no compute)."""
+    """Every cell's task options and model config against the device the trials will run on
+    (no compute)."""
     from .studies import cell_id, cell_task_options
     from .tasks.base import get_task
     task = get_task(study.task)()
     for cell in study.cells():
         try:
             task.check_device(cell_task_options(study, cell), device)
+            registry.check_config_device(study.cell_models.get(cell_id(cell)), device)
         except ConfigError as e:
             raise StudyError(f"{study.path}: cell {cell_id(cell)} on device {device}: {e}") from None
 

@@ -17,7 +17,7 @@ from harness.metrics.speed import SpeedOptions, measure_speed
 from variants import common
 from variants.dit import gated, modulate
 
-from .conftest import needs_compile
+from .conftest import needs_compile, run_cli
 
 
 needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(),
@@ -739,3 +739,25 @@ def test_compiled_blocks_trace_when_their_first_call_picks_the_kernel_paths(monk
     out = model([torch.rand(1, 16, 8), torch.rand(1, 8, 12)])
     assert out.shape[0] == 2 and torch.isfinite(out).all()
     assert cpu_matmul._choice._path is not None  # resolved before the compiled call
+
+
+@pytest.mark.parametrize("study, unset", [("speed_packing", "set compile_blocks false"),
+                                          ("speed_paths", "set task.compile false")])
+def test_compiling_on_a_cpu_without_a_cxx_compiler_stops_before_any_store(study, unset, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Inductor builds CPU kernels with a C++ compiler ($CXX alone where it is set): without
+    one, a compiled cell on cpu is refused before any store is opened, as are the benchmarks'
+    compile flags, instead of failing in every trial."""
+    from harness import bench_packing
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    assert not cpu_gelu.fused_available()
+    runs = tmp_path / "runs"
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "studies", f"{study}.yaml")
+    assert run_cli("run", path, "--profile", "smoke-compile", "--runs-dir", runs) == 2
+    err = capsys.readouterr().err
+    assert "on cpu: torch.compile cannot build CPU kernels here" in err and unset in err, err
+    assert not runs.exists()
+    assert run_cli("bench", "dit-s/8", "--compile", "--device", "cpu") == 2
+    assert run_cli("bench", "dit-s/8", "--alternate", "eager,compile", "--device", "cpu") == 2
+    assert bench_packing.main(["--compile-blocks", "--depth", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.count("cannot build CPU kernels here") == 3

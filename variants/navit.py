@@ -34,7 +34,7 @@ from torch import nn
 
 from harness.data.varres import sample_sizes
 from harness.errors import ConfigError
-from harness.metrics.speed import compiled
+from harness.metrics.speed import check_compile_supported, compiled
 from harness.registry import Variant, register
 
 from .common import Attention, Block, Mlp, attention, heads_of
@@ -126,11 +126,15 @@ class NaViTConfig:
                               f"position slots (x patch {self.patch_size}); lower it or use "
                               "pos_coords='fractional'")
         if self.compile_blocks:
-            from harness.metrics.speed import check_compile_supported
-            check_compile_supported("compile_blocks=true", "compile_blocks false")
+            check_compile_supported("compile_blocks=true", "set compile_blocks false")
         if self.token_drop == "none" and self.drop_rate:
             raise ConfigError(f"drop_rate={self.drop_rate} with token_drop='none' drops nothing; "
                               "pick token_drop constant | beta | resolution")
+
+    def check_device(self, device: str) -> None:
+        """On a CPU, compiled blocks need a C++ compiler (``registry.check_config_device``)."""
+        if self.compile_blocks:
+            check_compile_supported("compile_blocks=true", "set compile_blocks false", device)
 
 
 # ------------------------------------------------------------------ core ideas

@@ -43,7 +43,9 @@ def fused_available() -> bool:
     if not hasattr(torch, "compile"):
         return False
     cxx = os.environ.get("CXX")
-    return any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"])
+    if cxx:  # inductor takes $CXX alone where it is set
+        return bool(shutil.which(cxx))
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 def _unavailable(name: str) -> str | None:

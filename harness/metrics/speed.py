@@ -436,13 +436,20 @@ def check_attention_name(name: str) -> None:
         raise ConfigError(f"attention {name!r}: valid: {', '.join(ATTENTION_BACKENDS)}")
 
 
-def check_compile_supported(setting: str, unset: str) -> None:
-    """ConfigError unless torch.compile runs on this Python/torch (``setting``: the option
-    as given, e.g. ``compile=true``; ``unset``: what to set instead)."""
+def check_compile_supported(setting: str, unset: str, device: str | None = None) -> None:
+    """ConfigError unless torch.compile runs on this Python/torch, and on ``device`` (where
+    given): on a CPU inductor builds C++ kernels, so a C++ compiler must be there
+    (``setting``: the option as given, e.g. ``compile=true``; ``unset``: what to do instead,
+    e.g. ``set task.compile false``)."""
     from torch._dynamo import is_dynamo_supported
     if not is_dynamo_supported():
         raise ConfigError(f"{setting}: torch.compile is not supported on this Python/torch; "
-                          f"set {unset}")
+                          f"{unset}")
+    from . import cpu_gelu
+    if device is not None and torch.device(device).type == "cpu" and not cpu_gelu.fused_available():
+        raise ConfigError(f"{setting} on cpu: torch.compile cannot build CPU kernels here (no C++ "
+                          f"compiler: $CXX, g++, c++ or clang++ on the PATH); install one, or "
+                          f"{unset}")
 
 
 # compiled graphs a timed function may hold: a study's trials share one process, and dynamo

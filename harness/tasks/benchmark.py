@@ -224,13 +224,10 @@ class BenchmarkTask(Task):
         return options.batch_size
 
     def check_device(self, options: BenchmarkOptions, device: str) -> None:
-        from ..metrics.speed import check_attention
+        from ..metrics.speed import check_attention, check_compile_supported
         check_attention(options.attention, device, options.bf16)
-
-    def check(self, options: BenchmarkOptions, model_cfg, data) -> None:
         if options.compile:
-            from ..metrics.speed import check_compile_supported
-            check_compile_supported("compile=true", "task.compile false")
+            check_compile_supported("compile=true", "set task.compile false", device)
 
     def run(self, ctx: TrialContext) -> dict:
         import time
