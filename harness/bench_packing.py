@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 from .metrics import cpu_malloc, cpu_mkl
 from .metrics.peak import BUSY_CORES, OtherLoad
-from .metrics.speed import (SETTLED_FAULTS, adamw, alternate, autocast, set_threads, sync,
-                            settle_method, settling_fields, settling_table)
+from .metrics.speed import (SETTLED_FAULTS, adamw, alternate, autocast, check_compile_supported,
+                            set_threads, settle_method, settling_fields, settling_table, sync)
 
 
 def make_batch(n: int, in_channels: int, min_size: int, max_size: int, step: int, skew: float,
@@ -152,7 +152,6 @@ def check_args(args: argparse.Namespace) -> None:
                               "per image; 0 = one call per image length)")
     cpu_mkl.check()  # HARNESS_CPU_MKL bad, or asked for and not in effect
     if args.compile_blocks:
-        from .metrics.speed import check_compile_supported
         check_compile_supported("--compile-blocks", "leave out --compile-blocks", args.device)
 
 

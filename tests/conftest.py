@@ -16,14 +16,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from harness import cli
-from harness.metrics import cpu_gelu
+from harness.metrics.kernel_choice import cpu_compile_available
 
 # The test models are tiny: one thread is faster than two (and much faster on a shared
 # machine).  Throughput is never asserted on, so this changes no result.
 torch.set_num_threads(1)
 
 # tests that run torch.compile on CPU (inductor needs a C++ compiler; so does the fused GELU)
-needs_compile = pytest.mark.skipif(not cpu_gelu.fused_available(),
+needs_compile = pytest.mark.skipif(not cpu_compile_available(),
                                    reason="torch.compile cannot build CPU kernels here")
 
 

@@ -25,10 +25,7 @@ benchmark trials the path that ran (``bench.cpu_gelu``).
 """
 from __future__ import annotations
 
-import os
-import shutil
-
-from .kernel_choice import KernelChoice
+from .kernel_choice import KernelChoice, cpu_compile_available
 
 CHOICES = ("aten", "fused")
 ENV = "HARNESS_CPU_GELU"
@@ -36,16 +33,10 @@ FUSED_MIN_NUMEL = 1 << 18   # 1 MiB of fp32: below this the aten kernel's few 10
 
 
 def fused_available() -> bool:
-    """Whether torch.compile may build CPU kernels here: it exists and a C++ compiler is on
-    the PATH (cheap: importing dynamo to ask it costs a second; a Python it does not
-    support fails at the first compile, which then falls back to ``aten``)."""
-    import torch
-    if not hasattr(torch, "compile"):
-        return False
-    cxx = os.environ.get("CXX")
-    if cxx:  # inductor takes $CXX alone where it is set
-        return bool(shutil.which(cxx))
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    """Whether the fused kernels can be built: torch.compile builds CPU kernels here
+    (``kernel_choice.cpu_compile_available``; a Python that dynamo does not support fails
+    at the first compile, which then falls back to ``aten``)."""
+    return cpu_compile_available()
 
 
 def _unavailable(name: str) -> str | None:

@@ -22,6 +22,21 @@ def kernel_env() -> str:
                    if os.environ.get(k, "").strip())
 
 
+def cpu_compile_available() -> bool:
+    """Whether torch.compile may build CPU kernels here: it exists and a C++ compiler is on
+    the PATH, ``$CXX`` alone where it is set, as inductor takes it (cheap: importing dynamo to
+    ask it costs a second; a Python it does not support fails at the first compile)."""
+    import shutil
+
+    import torch
+    if not hasattr(torch, "compile"):
+        return False
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return bool(shutil.which(cxx))
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def resolve_kernel_paths() -> None:
     """Fix every CPU kernel path now (``cpu_matmul``, ``cpu_gelu``, ``cpu_attention``): a bad
     ``HARNESS_CPU_*`` fails here, before any compute."""

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ConfigError
 from . import cpu_attention, cpu_malloc, cpu_mkl
-from .kernel_choice import resolve_kernel_paths
+from .kernel_choice import cpu_compile_available, resolve_kernel_paths
 
 # harness name -> torch.nn.attention.SDPBackend member
 ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -445,8 +445,7 @@ def check_compile_supported(setting: str, unset: str, device: str | None = None)
     if not is_dynamo_supported():
         raise ConfigError(f"{setting}: torch.compile is not supported on this Python/torch; "
                           f"{unset}")
-    from . import cpu_gelu
-    if device is not None and torch.device(device).type == "cpu" and not cpu_gelu.fused_available():
+    if device is not None and torch.device(device).type == "cpu" and not cpu_compile_available():
         raise ConfigError(f"{setting} on cpu: torch.compile cannot build CPU kernels here (no C++ "
                           f"compiler: $CXX, g++, c++ or clang++ on the PATH); install one, or "
                           f"{unset}")
