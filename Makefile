@@ -19,7 +19,7 @@ PIP := $(PY) -m pip
 QUIET_PIP := grep -v -e "is ignored: it is neither" -e "^$$" || true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test demo bench-deps speed-reports gpu-target gpu-wheels clean
+.PHONY: install test demo bench-deps speed-reports gpu-target gpu-wheels gpu-rehearse clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -79,6 +79,12 @@ speed-reports: bench-deps
 PRESENT ?=
 gpu-wheels: install
 	bash scripts/gpu_wheels.sh "$(PRESENT)"
+
+# The same, rehearsed here on CPU: a fresh venv with only torch and what PRESENT names, plus
+# those wheels installed as the device installs them, runs the smoke profiles of the studies
+# scripts/gpu_checks.sh runs (needs the package index; about 5 minutes)
+gpu-rehearse: install
+	bash scripts/gpu_rehearse.sh "$(PRESENT)"
 
 gpu-target: install
 	$(call studies,speed_dit,gpu-target)

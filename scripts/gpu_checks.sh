@@ -9,6 +9,7 @@
 # packages the device has), then on the device, before this script,
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD
+# (`make gpu-rehearse PRESENT=FILE` rehearses that install on CPU, with the smoke profiles.)
 #
 # Each step gets what is left of DEADLINE seconds (skipped under 30); after each, the reports
 # and runs named *$SUFFIX are packed into OUTDIR/results.tgz, so a run cut short keeps what

@@ -152,6 +152,29 @@ def test_gpu_wheels_carries_only_what_the_device_lacks_and_refuses_bad_input(tmp
     assert not (tmp_path / "whl").exists()
 
 
+def test_gpu_rehearsal_refuses_bad_input_before_building_anything(tmp_path):
+    """scripts/gpu_rehearse.sh (the whole rehearsal needs the package index and minutes, so
+    it is a command, not a test): no PRESENT, an unreadable one or one that names nothing
+    stops with exit 2 and a message, and its work folder is never made."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_rehearse.sh"
+    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable}
+    work = tmp_path / "work"
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" ,\n")
+    for args, says in (([], "usage:"), ([str(tmp_path / "missing.txt"), str(work)], "cannot read"),
+                       ([str(empty), str(work)], "names no packages")):
+        r = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stdout, r.stderr)
+        assert not work.exists()
+    r = subprocess.run(["bash", str(script), str(empty), str(work)], capture_output=True,
+                       text=True, env={**env, "PY": str(tmp_path / "nopython")}, timeout=60)
+    assert r.returncode == 2 and "no python" in r.stderr and not work.exists()
+
+
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
     """--call-costs: one grouped pack arm per cost, each against pad; a cost of 0 makes one
     attention call per image length, a huge one a single call, and the report says so."""
