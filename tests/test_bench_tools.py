@@ -2,6 +2,7 @@
 ratio, and the engine's overhead on a (short) trial."""
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -173,6 +174,24 @@ def test_gpu_rehearsal_refuses_bad_input_before_building_anything(tmp_path):
     r = subprocess.run(["bash", str(script), str(empty), str(work)], capture_output=True,
                        text=True, env={**env, "PY": str(tmp_path / "nopython")}, timeout=60)
     assert r.returncode == 2 and "no python" in r.stderr and not work.exists()
+
+
+def test_compile_time_script_refuses_bad_input_before_compiling():
+    """scripts/compile_time.py (cold compiles take minutes, so the run itself is a command):
+    a depth, width or step count under 1, or no C++ compiler for inductor, stops with exit 2
+    and says what would be valid, before any child process compiles."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compile_time.py"
+    root = str(script.parents[1])
+    for args, env, says in ((["--depth", "0"], {}, "--depth must be at least 1"),
+                            (["--steps", "0"], {}, "--steps must be at least 1"),
+                            ([], {"CXX": "/no/such/g++"}, "cannot build CPU kernels here")):
+        r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": root, **env}, timeout=120)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr[-2000:])
+        assert "first training step" not in r.stdout
 
 
 def test_packing_benchmark_times_the_grouped_path_at_each_call_cost(tmp_path):
