@@ -349,18 +349,19 @@ def test_compiled_blocks_match_eager_and_compile_without_graph_breaks():
 @needs_compile
 def test_compiled_flex_blocks_are_one_graph_with_the_host_built_block_mask():
     """The GPU's packed path (FlexAttention under compiled blocks, the BlockMask built on the
-    host) traces as one full graph and gives eager FlexAttention's logits; CPU inference
-    only (FlexAttention has no CPU backward)."""
+    host) traces as one full graph, which serves both blocks, and gives eager
+    FlexAttention's logits; CPU inference only (FlexAttention has no CPU backward)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
-    counters.clear()
-    eager = build(attn_impl="flex", depth=1).eval()
-    comp = build(attn_impl="flex", depth=1, compile_blocks=True).eval()
+    eager = build(attn_impl="flex", depth=2).eval()
+    comp = build(attn_impl="flex", depth=2, compile_blocks=True).eval()
     imgs = images(12, model=eager)
     with torch.no_grad():
-        a, b = eager(imgs), comp(imgs)
+        a = eager(imgs)  # (torch's eager FlexAttention compiles a graph of its own)
+        counters.clear()
+        b = comp(imgs)
     assert torch.allclose(a, b, atol=1e-5)
-    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
 # ------------------------------------------------------------------ positions
