@@ -9,7 +9,8 @@ apart.  Then the packs' FlexAttention BlockMask, built on the host (``flex_block
 the model runs) and by ``create_block_mask`` (what it ran before): ops, and the host time of
 each on the meta device, where no kernel runs, so the time is all Python and dispatch (the
 median of --repeats calls).  Last, one eager training step of the whole model (forward, loss,
-backward, fused AdamW) for pack and pad: the kernel-running ops of each part.  Pack attends
+backward, fused AdamW) for pack and pad: the kernel-running ops of each part, and of the
+transformer blocks alone.  Pack attends
 here with the dense block mask, which, like FlexAttention on the GPU, is one attention call per
 block.  The counts do not depend on the width, so the step runs at width --step-width (on CPU
 the pad arm at full width would take minutes)."""
@@ -80,8 +81,10 @@ def main() -> None:
         narrow = {**cfg, **extra, "hidden_size": a.step_width, "num_heads": a.step_width // 16}
         model, _ = registry.build("navit-ti", narrow, device="cpu", seed=0)
         counts = step_kernels(model.train(), images, labels)
+        blocks = block_kernels(model, images)
         print(f"training step, {arm}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
-              + f"; {sum(counts.values())} kernels in all")
+              + f"; {sum(counts.values())} kernels in all, of which the {len(model.blocks)} "
+              f"blocks {blocks['forward']} forward and {blocks['backward']} backward")
 
 
 def step_kernels(model, images, labels) -> dict[str, int]:
@@ -105,6 +108,30 @@ def step_kernels(model, images, labels) -> dict[str, int]:
             optim.zero_grad(set_to_none=True)
         parts["optimizer"] = ops.kernels
     return parts
+
+
+def block_kernels(model, images) -> dict[str, int]:
+    """Kernel-running ops of the transformer blocks alone in that step: their forward, and
+    their backward to their input and their weights (what ``compile_blocks`` compiles)."""
+    run, seen = model.run_blocks, {}
+
+    def counted(x, ctx):
+        x = x.detach().requires_grad_()
+        with DispatchCount() as ops:
+            y = run(x, ctx)
+        seen["forward"] = ops.kernels
+        g = torch.ones_like(y)
+        with DispatchCount() as ops:
+            torch.autograd.grad(y, [x, *model.blocks.parameters()], g)
+        seen["backward"] = ops.kernels
+        return y
+
+    model.run_blocks = counted
+    try:
+        model(images)
+    finally:
+        del model.run_blocks  # the method again
+    return seen
 
 
 if __name__ == "__main__":

@@ -176,6 +176,20 @@ def test_gpu_rehearsal_refuses_bad_input_before_building_anything(tmp_path):
     assert r.returncode == 2 and "no python" in r.stderr and not work.exists()
 
 
+def test_dispatch_count_counts_kernels_not_views_or_aliases():
+    """``DispatchCount.kernels``: ops that make a view or an alias (``detach``, which autograd
+    dispatches for every stored gradient) run no kernel and are not counted; arithmetic is."""
+    import torch
+    from harness.metrics.speed import DispatchCount
+    x = torch.ones(4, 6)
+    with DispatchCount() as ops:
+        x.view(6, 4).t().detach().unsqueeze(0)
+    assert ops.kernels == 0 and ops.names["detach"] == 1, ops.names
+    with DispatchCount() as ops:
+        (x.detach() + 1).sum()
+    assert ops.kernels == 2, ops.names
+
+
 def test_compile_time_script_refuses_bad_input_before_compiling():
     """scripts/compile_time.py (cold compiles take minutes, so the run itself is a command):
     a depth, width or step count under 1, or no C++ compiler for inductor, stops with exit 2

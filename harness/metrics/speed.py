@@ -473,11 +473,12 @@ def compiled(fn, dynamic: bool | None = None):
 
 class DispatchCount(TorchDispatchMode):
     """Counts the ops torch dispatches inside ``with DispatchCount() as ops:`` by name
-    (``ops.names``); ``ops.kernels`` leaves out the views, which run no kernel.  On a GPU
-    each of the others is a launch."""
+    (``ops.names``); ``ops.kernels`` leaves out the views and aliases, which run no kernel
+    (``detach`` among them, an alias: a NaViT training step's backward dispatches it 179
+    times).  On a GPU each of the others is a launch."""
     VIEWS = frozenset({"view", "_unsafe_view", "unsqueeze", "expand", "unbind", "t", "unfold",
                        "slice", "select", "permute", "alias", "as_strided", "reshape",
-                       "squeeze", "transpose"})
+                       "squeeze", "transpose", "detach"})
 
     def __init__(self):
         super().__init__()
