@@ -932,9 +932,9 @@ def _block_step(block: nn.Module, x: torch.Tensor, ctx: AttnContext) -> torch.Te
     weights are graph inputs), so the first block's graph serves every block, and dynamo's
     cache of graphs per code object serves every model of the process.  It traces and
     lowers one block instead of the stack: on the 2-core Xeon, NaViT-Ti (depth 12, dense
-    block mask) took 15.8 s to its first training step and 2.0 s to its first forward,
-    against 32.6 s and 8.9 s with the stack compiled, and the same steady step
-    (docs/speed.md)."""
+    block mask) took 16.4 s to its first training step and 2.2 s to its first forward,
+    against 29.2 s and 8.4 s with the stack compiled, for a steady step 0-3% slower
+    (``python scripts/compile_time.py``; docs/speed.md)."""
     return block(x, ctx)
 
 
