@@ -44,8 +44,7 @@ def measure(arm: str, depth: int, width: int, attn: str, steps: int) -> dict:
     model, _ = registry.build("navit-ti", {**cfg, "compile_blocks": arm == "block"},
                               device="cpu", seed=0)
     if arm == "stack":
-        stack = compiled(model._blocks)
-        model.run_blocks = lambda x, ctx: stack(x, ctx)
+        model.run_blocks = compiled(model._blocks)  # the whole stack as one function
     train = attn != "flex"
 
     def train_step(m):

@@ -25,12 +25,12 @@ PRESENT=${1:-}
 [ -r "$PRESENT" ] || { echo "gpu_rehearse: cannot read PRESENT file '$PRESENT'" >&2; exit 2; }
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || { echo "gpu_rehearse: no python at '$PY' (run make install, or set PY)" >&2; exit 2; }
-grep -q '[A-Za-z0-9]' "$PRESENT" || { echo "gpu_rehearse: '$PRESENT' names no packages" >&2; exit 2; }
+source "$(dirname "$0")/present_names.sh"
+have=$(present_names "$PRESENT")
+[ -n "$have" ] || { echo "gpu_rehearse: '$PRESENT' names no packages" >&2; exit 2; }
 WORK=${2:-$(mktemp -d /tmp/gpu_rehearse.XXXXXX)}
 mkdir -p "$WORK" || exit 2
 PYVER=${PYVER:-$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}
-quiet() { grep -v -e "is ignored: it is neither" -e '^$' || true; }
-norm() { tr 'A-Z_.' 'a-z--'; }
 fails=0
 step() {  # name command...: run, log to WORK/name.log, print ok / FAIL
   local name=$1; shift
@@ -40,13 +40,11 @@ step() {  # name command...: run, log to WORK/name.log, print ok / FAIL
 }
 
 # 1. what the device has: torch, and this venv's versions of the packages PRESENT names
-tr ', \t' '\n\n\n' < "$PRESENT" | sed 's/[=<>].*//' | norm | { grep -v '^$' || true; } \
-  | sort -u > "$WORK/present.txt"
 torch_ver=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
 "$PY" -m pip list --format=freeze --exclude-editable 2>/dev/null | grep '==' \
   | while IFS='=' read -r name _ ver; do
       n=$(echo "$name" | norm)
-      grep -qx "$n" "$WORK/present.txt" && ! echo "$n" | grep -Eq '^(torch|triton|nvidia-.*)$' \
+      echo "$have" | grep -qx "$n" && ! echo "$n" | grep -Eq '^(torch|triton|nvidia-.*)$' \
         && echo "$name==$ver"; done > "$WORK/device_has.txt"
 echo "gpu_rehearse: in $WORK; the device side gets torch==$torch_ver and $(wc -l < "$WORK/device_has.txt") packages PRESENT names"
 device_venv() {

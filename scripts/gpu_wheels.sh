@@ -18,8 +18,8 @@ PRESENT=${1:-}
 DIR=${2:-.whl}; PY=${PY:-.venv/bin/python}; PYVER=${PYVER:-3.12}
 [ -r "$PRESENT" ] || { echo "gpu_wheels: cannot read PRESENT file '$PRESENT'" >&2; exit 2; }
 [ -x "$PY" ] || { echo "gpu_wheels: no python at '$PY' (run make install, or set PY)" >&2; exit 2; }
-norm() { tr 'A-Z_.' 'a-z--'; }
-have=$(tr ', \t' '\n\n\n' < "$PRESENT" | sed 's/[=<>].*//' | norm | { grep -v '^$' || true; } | sort -u)
+source "$(dirname "$0")/present_names.sh"
+have=$(present_names "$PRESENT")
 [ -n "$have" ] || { echo "gpu_wheels: '$PRESENT' names no packages" >&2; exit 2; }
 SOURCE_ONLY="fvcore iopath yacs"
 SKIP="^(torch|triton|nvidia-.*|cuda-.*|psycopg.*|vit-pytorch|sora-ablation-harness|pip|setuptools|wheel)$"
@@ -30,7 +30,6 @@ need=$("$PY" -m pip list --format=freeze --exclude-editable 2>/dev/null | grep '
 echo "gpu_wheels: $(echo "$need" | grep -c .) packages to carry: $(echo $need)"
 [ -n "$need" ] && [ -z "${LIST_ONLY:-}" ] || exit 0
 mkdir -p "$DIR"
-quiet() { grep -v -e "is ignored: it is neither" -e '^$' || true; }
 binary=$(echo "$need" | grep -Ev "^($(echo $SOURCE_ONLY | tr ' ' '|'))==" || true)
 source=$(echo "$need" | grep -E "^($(echo $SOURCE_ONLY | tr ' ' '|'))==" || true)
 plat=""; for p in manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 \

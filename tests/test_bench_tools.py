@@ -177,8 +177,8 @@ def test_gpu_rehearsal_refuses_bad_input_before_building_anything(tmp_path):
 
 
 def test_dispatch_count_counts_kernels_not_views_or_aliases():
-    """``DispatchCount.kernels``: ops that make a view or an alias (``detach``, which autograd
-    dispatches for every stored gradient) run no kernel and are not counted; arithmetic is."""
+    """``DispatchCount.kernels``: ops that make a view or an alias (``detach``, which a
+    backward dispatches many times) run no kernel and are not counted; arithmetic is."""
     import torch
     from harness.metrics.speed import DispatchCount
     x = torch.ones(4, 6)
