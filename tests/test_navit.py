@@ -347,6 +347,32 @@ def test_compiled_blocks_match_eager_and_compile_without_graph_breaks():
 
 
 @needs_compile
+@pytest.mark.parametrize("impl", ["dense_mask", "flex"])
+def test_compiled_blocks_recompile_per_shape_not_per_block(impl):
+    """Batches with other numbers of packs: the first shape's graph, one for a single pack
+    (dynamo specialises size 1), then one dynamic graph for every other count, each serving
+    every block.  The packs' rows enter the blocks as a view of the gathered tokens; without
+    run_blocks' copy, dynamo's dynamic graph guards on the view's base, which the second
+    block's input lacks, and every shape compiled twice (5 graphs here).  Dense block mask
+    in training; FlexAttention, the GPU's path, in inference (no CPU backward)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = build(attn_impl=impl, depth=2, compile_blocks=True)
+    model.train(impl != "flex")
+    rows = []
+    for n in (12, 5, 20, 9, 40):
+        before = model._stats["rows"]
+        with torch.set_grad_enabled(model.training):
+            out = model(images(n, model=model))
+        if model.training:
+            F.cross_entropy(out, torch.arange(n) % 10).backward()
+        rows.append(model._stats["rows"] - before)
+    assert rows == [2, 1, 3, 2, 5]  # the pack counts the graphs assume
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+
+
+@needs_compile
 def test_compiled_flex_blocks_are_one_graph_with_the_host_built_block_mask():
     """The GPU's packed path (FlexAttention under compiled blocks, the BlockMask built on the
     host) traces as one full graph, which serves both blocks, and gives eager

@@ -849,6 +849,12 @@ class NaViT(Variant):
         if self._compiled_block is None:
             self._compiled_block = compiled(_block_step)  # compiled or an error, never eager
         step = self._compiled_block
+        if x._base is not None:
+            # a view (the packs' rows are one view of the gathered tokens) makes dynamo guard
+            # on its base's size once the row count goes dynamic, a guard the next block's
+            # input (no view) fails: a second graph for every shape.  One copy makes every
+            # block's input alike, so one graph serves them all
+            x = x.clone()
         for block in self.blocks:
             x = step(block, x, ctx)
         return x
