@@ -254,6 +254,27 @@ def test_overhead_report_breaks_a_real_trial_down(tmp_path):
     assert "target <= 5%" in out.read_text() and f"git `{git_sha()}`" in out.read_text()
 
 
+def test_overhead_report_gives_each_trial_of_one_worker(tmp_path):
+    """--trials N: N trials in one process, each one's breakdown; the top level is the first."""
+    out = tmp_path / "overhead" / "README.md"
+    assert bench_peer.main(["overhead", "--seconds", "1", "--trials", "2", "--out", str(out)]) == 0
+    r = json.loads((out.parent / "results.json").read_text())
+    assert len(r["trials"]) == 2 and r["trials"][0]["trial_time_s"] == r["trial_time_s"]
+    for t in r["trials"]:
+        assert t["trial_time_s"] >= t["task_time_s"] > 0 and t["speed_time_s"] > 0
+        assert t["overhead_frac"] == pytest.approx(t["overhead_time_s"] / t["trial_time_s"])
+    assert r["outside_trial_s"] == pytest.approx(
+        r["command_wall_s"] - sum(t["trial_time_s"] for t in r["trials"]))
+    text = out.read_text()
+    assert "2 `classify` trials (seeds 0-1), one after another in one worker process" in text
+    assert "the later trials' not-task share" in text
+
+
+def test_overhead_refuses_zero_trials_before_any_trial(capsys):
+    assert bench_peer.main(["overhead", "--trials", "0"]) == 2
+    assert "--trials must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_cpu_identity_names_family_and_model():
     """A VM may call two CPU generations "AMD EPYC"; the recorded identity tells them apart."""
     from pathlib import Path
