@@ -624,7 +624,7 @@ def run_overhead(args) -> dict:
 
 def render_overhead(r: dict) -> str:
     t = r["trial_time_s"]
-    trials = r.get("trials", [r])
+    trials = r["trials"]
 
     def pct(x):
         return f"{x:7.2f} s  {x / t:6.1%}"
@@ -649,28 +649,25 @@ def render_overhead(r: dict) -> str:
             lines.append(f"  {i:5d}  {x['trial_time_s']:6.2f}  {x.get('train_steps', 0):5.0f}  "
                          f"{x['flops_time_s']:7.2f}  {x['speed_time_s']:7.2f}  "
                          f"{x.get('tracking_time_s', 0.0):8.2f}  {x['overhead_frac']:7.1%}")
-        later = sorted(x["overhead_frac"] for x in trials[1:])
-        lines.append(f"  the later trials' not-task share: {later[0]:.1%} to {later[-1]:.1%} "
-                     f"(median {later[len(later) // 2]:.1%})")
+        later = [x["overhead_frac"] for x in trials[1:]]
+        lines.append(f"  the later trials' not-task share: {min(later):.1%} to {max(later):.1%} "
+                     f"(median {statistics.median(later):.1%})")
     lines.append(f"  whole command (stores, study, {len(trials)} trial(s), close): "
                  f"{r['command_wall_s']:.2f} s; outside the trials {r['outside_trial_s']:.2f} s; "
                  f"not-task share of the command {r['command_overhead_frac']:.1%}")
     return "\n".join(lines)
 
 
-def what_runs(n: int) -> str:
-    return ("one `classify` trial" if n == 1 else
-            f"{n} `classify` trials (seeds 0-{n - 1}), one after another in one worker process,")
-
-
 def render_overhead_md(r: dict, argv: list[str]) -> str:
-    hw = r["hardware"]
+    hw, n = r["hardware"], len(r["trials"])
+    what = ("one `classify` trial" if n == 1 else
+            f"{n} `classify` trials (seeds 0-{n - 1}), one after another in one worker process,")
     return "\n".join([
         "# Engine overhead of a one-minute trial", "", "Reproduce:", "", "```",
         "python -m harness.bench_peer " + " ".join(argv), "```", "",
         f"- hardware: {hw['cpu']}, {hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads; "
         f"torch {hw['torch']}, Python {hw['python']}, this code at git `{hw.get('git_sha', '?')}`",
-        f"- what runs: {what_runs(len(r.get('trials', [r])))} of vit-digits through the real "
+        f"- what runs: {what} of vit-digits through the real "
         "engine (Optuna on embedded SQLite, MLflow on embedded SQLite, FLOP counting, the "
         "per-trial speed probe, metric logging every evaluation), in a temporary runs folder",
         "- overhead = trial wall time - the task's own training and evaluation; target <= 5%", "",
