@@ -597,6 +597,9 @@ def run_overhead(args) -> dict:
     from .tracking import default_tracking_uri
 
     check_counts(("--trials", args.trials, 1))
+    if args.trials > 1000:  # the study's `repeats` limit, said in this command's terms
+        from .errors import ConfigError
+        raise ConfigError(f"--trials must be at most 1000, got {args.trials}")
     with tempfile.TemporaryDirectory(prefix="harness-overhead-") as tmp:
         runs = Path(tmp) / "runs"
         study_file = Path(tmp) / "overhead_probe.yaml"

@@ -273,6 +273,8 @@ def test_overhead_report_gives_each_trial_of_one_worker(tmp_path):
 def test_overhead_refuses_zero_trials_before_any_trial(capsys):
     assert bench_peer.main(["overhead", "--trials", "0"]) == 2
     assert "--trials must be >= 1, got 0" in capsys.readouterr().err
+    assert bench_peer.main(["overhead", "--trials", "1001"]) == 2
+    assert "--trials must be at most 1000, got 1001" in capsys.readouterr().err
 
 
 def test_cpu_identity_names_family_and_model():
