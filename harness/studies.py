@@ -32,6 +32,7 @@ REQUIRED = ("name", "question", "task", "data", "model", "objectives")
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "none", "hyperband", "percentile")
 DIRECTIONS = ("minimize", "maximize")
+MAX_REPEATS = 1000  # seeds a study may ask for with `repeats`
 # figures the engine itself measures in every trial (valid objectives for any task)
 ENGINE_METRICS = ("params_m", "gflops_fwd", "gflops_attn_fwd", "train_samples_per_s",
                   "infer_samples_per_s", "train_tokens_per_s", "infer_tokens_per_s", "peak_mem_mb",
@@ -327,8 +328,8 @@ def load_study(path: str | Path, profile: str | None = None, *,
             raise err("seeds", f"repeats a seed in {seeds}")
     else:
         repeats = resolved.get("repeats", 1)
-        if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= 1000:
-            raise err("repeats", f"must be an integer in [1, 1000], got {repeats!r}")
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= MAX_REPEATS:
+            raise err("repeats", f"must be an integer in [1, {MAX_REPEATS}], got {repeats!r}")
         seeds = list(range(repeats))
 
     # --- budget
