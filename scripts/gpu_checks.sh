@@ -16,9 +16,24 @@
 # finished. Steps: the packing benchmark at the gpu profile's size, eager and with compiled
 # blocks (bf16); the packing study with compiled blocks, then eager; the DiT-B/2 MFU target;
 # the speed-paths ablation.
+#
+# STEPS="bench-eager bench-compiled" (names from ALL_STEPS below; default all) runs only those,
+# in the order above: a lease split into several short calls on the warm machine brings each
+# call's results back, where one long call that loses its machine brings back nothing (the
+# H100 lent on 2026-12-05 stopped answering in such a call; docs/speed.md, "On a GPU").
 set -u
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}; DEADLINE=${DEADLINE:-540}; SUFFIX=${SUFFIX:--gpu}; OUTDIR=${1:-.}
+ALL_STEPS="bench-eager bench-compiled study-packing-compile study-packing study-dit study-paths"
+STEPS=${STEPS:-$ALL_STEPS}
+for s in $STEPS; do
+  case " $ALL_STEPS " in *" $s "*) ;; *)
+    echo "gpu_checks: unknown step '$s' in STEPS; valid: $ALL_STEPS" >&2; exit 2;; esac
+done
+[ -n "${STEPS// /}" ] || { echo "gpu_checks: STEPS is empty; valid: $ALL_STEPS" >&2; exit 2; }
+[[ "$DEADLINE" =~ ^[0-9]+$ ]] || { echo "gpu_checks: DEADLINE must be whole seconds, got '$DEADLINE'" >&2; exit 2; }
+[ -d "$OUTDIR" ] || { echo "gpu_checks: OUTDIR '$OUTDIR' is not a folder" >&2; exit 2; }
+wanted() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 T0=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 log() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
@@ -45,10 +60,10 @@ study() {  # study profile cap
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
 "$PY" -c "import harness, torch, optuna, mlflow, fvcore; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 3
-bench eager 90
-bench compiled 150 --compile-blocks
-study speed_packing gpu-compile 360
-study speed_packing gpu 300
-study speed_dit gpu-target 300
-study speed_paths gpu 600
+wanted bench-eager && bench eager 90
+wanted bench-compiled && bench compiled 150 --compile-blocks
+wanted study-packing-compile && study speed_packing gpu-compile 360
+wanted study-packing && study speed_packing gpu 300
+wanted study-dit && study speed_dit gpu-target 300
+wanted study-paths && study speed_paths gpu 600
 log done

@@ -176,6 +176,37 @@ def test_gpu_rehearsal_refuses_bad_input_before_building_anything(tmp_path):
     assert r.returncode == 2 and "no python" in r.stderr and not work.exists()
 
 
+def test_gpu_checks_refuses_bad_steps_before_touching_the_device(tmp_path):
+    """scripts/gpu_checks.sh (it needs CUDA, so its run is a device command): an unknown or
+    empty STEPS, a DEADLINE that is not whole seconds, or a missing OUTDIR stops with exit 2,
+    a message naming what would be valid, and no results.tgz; a valid STEPS subset gets past
+    those checks to the import line, which stops this CUDA-less machine with exit 3."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable, "PYTHONPATH": str(root)}
+    valid = "bench-eager bench-compiled study-packing-compile study-packing study-dit study-paths"
+    for extra, out, says in (({"STEPS": "bench-eager benchh"}, tmp_path, "unknown step 'benchh'"),
+                             ({"STEPS": "  "}, tmp_path, "STEPS is empty"),
+                             ({"DEADLINE": "9m"}, tmp_path, "DEADLINE must be whole seconds"),
+                             ({}, tmp_path / "missing", "is not a folder")):
+        r = subprocess.run(["bash", str(root / "scripts" / "gpu_checks.sh"), str(out)],
+                           capture_output=True, text=True, env={**env, **extra}, cwd=tmp_path,
+                           timeout=60)
+        assert r.returncode == 2 and says in r.stderr, (extra, r.stdout, r.stderr)
+        assert r.stdout == "" and not (tmp_path / "results.tgz").exists()
+        if "STEPS" in extra:
+            assert valid in r.stderr
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the checks would run for minutes")
+    r = subprocess.run(["bash", str(root / "scripts" / "gpu_checks.sh"), str(tmp_path)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**env, "STEPS": "study-dit bench-eager"})
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "bench-packing" not in r.stdout and not (tmp_path / "results.tgz").exists()
+
 def test_dispatch_count_counts_kernels_not_views_or_aliases():
     """``DispatchCount.kernels``: ops that make a view or an alias (``detach``, which a
     backward dispatches many times) run no kernel and are not counted; arithmetic is."""
