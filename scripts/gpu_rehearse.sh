@@ -43,9 +43,9 @@ step() {  # name command...: run, log to WORK/name.log, print ok / FAIL
 torch_ver=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
 "$PY" -m pip list --format=freeze --exclude-editable 2>/dev/null | grep '==' \
   | while IFS='=' read -r name _ ver; do
-      n=$(echo "$name" | norm)
-      echo "$have" | grep -qx "$n" && ! echo "$n" | grep -Eq '^(torch|triton|nvidia-.*)$' \
-        && echo "$name==$ver"; done > "$WORK/device_has.txt"
+      n=$(norm <<< "$name")
+      listed "$n" "$have" && ! [[ $n =~ ^(torch|triton|nvidia-.*)$ ]] && echo "$name==$ver"
+    done > "$WORK/device_has.txt"
 echo "gpu_rehearse: in $WORK; the device side gets torch==$torch_ver and $(wc -l < "$WORK/device_has.txt") packages PRESENT names"
 device_venv() {
   "$("$PY" -c 'import sys; print(sys._base_executable)')" -m venv "$WORK/venv" && \

@@ -25,8 +25,8 @@ SOURCE_ONLY="fvcore iopath yacs"
 SKIP="^(torch|triton|nvidia-.*|cuda-.*|psycopg.*|vit-pytorch|sora-ablation-harness|pip|setuptools|wheel)$"
 need=$("$PY" -m pip list --format=freeze --exclude-editable 2>/dev/null | grep '==' \
   | while IFS='=' read -r name _ ver; do
-      n=$(echo "$name" | norm); echo "$have" | grep -qx "$n" && continue
-      echo "$n" | grep -Eq "$SKIP" && continue; echo "$n==$ver"; done)
+      n=$(norm <<< "$name"); listed "$n" "$have" && continue
+      [[ $n =~ $SKIP ]] && continue; echo "$n==$ver"; done)
 echo "gpu_wheels: $(echo "$need" | grep -c .) packages to carry: $(echo $need)"
 [ -n "$need" ] && [ -z "${LIST_ONLY:-}" ] || exit 0
 mkdir -p "$DIR"

@@ -5,4 +5,8 @@ norm() { tr 'A-Z_.' 'a-z--'; }  # pip's normalised name
 present_names() {  # FILE: its package names, normalised, one per line, sorted
   tr ', \t' '\n\n\n' < "$1" | sed 's/[=<>].*//' | norm | { grep -v '^$' || true; } | sort -u
 }
+# Whether NAME is a line of LIST. A here-string, not `echo "$LIST" | grep -q`: under pipefail
+# grep -q's early exit can kill the echo with SIGPIPE (status 141) and the pipeline reads as
+# no match (seen under load: a present package counted as missing).
+listed() { grep -qxF -- "$1" <<< "$2"; }
 quiet() { grep -v -e "is ignored: it is neither" -e '^$' || true; }

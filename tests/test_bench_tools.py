@@ -153,6 +153,32 @@ def test_gpu_wheels_carries_only_what_the_device_lacks_and_refuses_bad_input(tmp
     assert not (tmp_path / "whl").exists()
 
 
+def test_wheel_scripts_match_names_without_a_pipe_that_pipefail_can_break():
+    """present_names.sh's `listed NAME LIST` is an exact, literal line match, and no script
+    under pipefail pipes into `grep -q`: grep's early exit can kill the writer with SIGPIPE
+    (141) and pipefail then reads a match as none (it made gpu_wheels.sh count present
+    packages as missing in about a third of its runs under load)."""
+    import re
+    import subprocess
+    from pathlib import Path
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    helper = scripts / "present_names.sh"
+    cases = [("optuna", 0), ("OPTUNA", 1), ("optun", 1), ("ml-flow", 1), ("mlxflow", 1),
+             ("-x", 1)]
+    probe = "; ".join(f'listed {n!r} "$L"; echo $?' for n, _ in cases)
+    r = subprocess.run(["bash", "-c", f'set -o pipefail; source {helper}; '
+                        f'L=$(printf "ml.flow\\noptuna\\ntorch\\n"); {probe}'],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert [int(x) for x in r.stdout.split()] == [want for _, want in cases], r.stdout
+    for script in sorted(scripts.glob("*.sh")):
+        text = "\n".join(line for line in script.read_text().splitlines()
+                         if not line.lstrip().startswith("#"))
+        if "pipefail" in text:
+            bad = re.findall(r"\|\s*grep\s+-[A-Za-z]*q[^\n]*", text)
+            assert not bad, f"{script.name}: {bad}"
+
+
 def test_gpu_rehearsal_refuses_bad_input_before_building_anything(tmp_path):
     """scripts/gpu_rehearse.sh (the whole rehearsal needs the package index and minutes, so
     it is a command, not a test): no PRESENT, an unreadable one or one that names nothing
