@@ -26,14 +26,14 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}; DEADLINE=${DEADLINE:-540}; SUFFIX=${SUFFIX:--gpu}; OUTDIR=${1:-.}
 ALL_STEPS="bench-eager bench-compiled study-packing-compile study-packing study-dit study-paths"
 STEPS=${STEPS:-$ALL_STEPS}
+has() { case " $1 " in *" $2 "*) return 0;; esac; return 1; }  # LIST WORD: WORD is in LIST
 for s in $STEPS; do
-  case " $ALL_STEPS " in *" $s "*) ;; *)
-    echo "gpu_checks: unknown step '$s' in STEPS; valid: $ALL_STEPS" >&2; exit 2;; esac
+  has "$ALL_STEPS" "$s" || { echo "gpu_checks: unknown step '$s' in STEPS; valid: $ALL_STEPS" >&2; exit 2; }
 done
 [ -n "${STEPS// /}" ] || { echo "gpu_checks: STEPS is empty; valid: $ALL_STEPS" >&2; exit 2; }
 [[ "$DEADLINE" =~ ^[0-9]+$ ]] || { echo "gpu_checks: DEADLINE must be whole seconds, got '$DEADLINE'" >&2; exit 2; }
 [ -d "$OUTDIR" ] || { echo "gpu_checks: OUTDIR '$OUTDIR' is not a folder" >&2; exit 2; }
-wanted() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
+wanted() { has "$STEPS" "$1"; }
 T0=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 log() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
