@@ -591,14 +591,12 @@ def run_overhead(args) -> dict:
     kernels); ``trials`` holds every trial's."""
     import tempfile
 
-    from .errors import ConfigError, check_counts
+    from .errors import check_counts
     from .studies import MAX_REPEATS, load_study
     from .sweep import Runner, check_storage_url, default_storage
     from .tracking import default_tracking_uri
 
-    check_counts(("--trials", args.trials, 1))
-    if args.trials > MAX_REPEATS:  # the study's `repeats` limit, said in this command's terms
-        raise ConfigError(f"--trials must be at most {MAX_REPEATS}, got {args.trials}")
+    check_counts(("--trials", args.trials, 1, MAX_REPEATS))  # the study's `repeats` limit
     with tempfile.TemporaryDirectory(prefix="harness-overhead-") as tmp:
         runs = Path(tmp) / "runs"
         study_file = Path(tmp) / "overhead_probe.yaml"

@@ -23,11 +23,14 @@ class ConfigError(HarnessError, ValueError):
     """A config value or combination that cannot work."""
 
 
-def check_counts(*checks: tuple[str, int, int]) -> None:
-    """ConfigError for the first ``(flag, value, least)`` whose value is below its least."""
-    for flag, value, least in checks:
+def check_counts(*checks: tuple) -> None:
+    """ConfigError for the first ``(flag, value, least[, most])`` whose value lies outside its
+    bounds."""
+    for flag, value, least, *most in checks:
         if value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        if most and value > most[0]:
+            raise ConfigError(f"{flag} must be at most {most[0]}, got {value}")
 
 
 class UnknownVariantError(HarnessError, KeyError):

@@ -41,11 +41,9 @@ step() {  # name command...: run, log to WORK/name.log, print ok / FAIL
 
 # 1. what the device has: torch, and this venv's versions of the packages PRESENT names
 torch_ver=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
-"$PY" -m pip list --format=freeze --exclude-editable 2>/dev/null | grep '==' \
-  | while IFS='=' read -r name _ ver; do
-      n=$(norm <<< "$name")
-      listed "$n" "$have" && ! [[ $n =~ ^(torch|triton|nvidia-.*)$ ]] && echo "$name==$ver"
-    done > "$WORK/device_has.txt"
+venv_pins "$PY" | while IFS='=' read -r n _ ver; do
+    listed "$n" "$have" && ! [[ $n =~ ^($DEVICE_OWN)$ ]] && echo "$n==$ver"
+  done > "$WORK/device_has.txt"
 echo "gpu_rehearse: in $WORK; the device side gets torch==$torch_ver and $(wc -l < "$WORK/device_has.txt") packages PRESENT names"
 device_venv() {
   "$("$PY" -c 'import sys; print(sys._base_executable)')" -m venv "$WORK/venv" && \

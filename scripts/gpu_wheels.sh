@@ -22,11 +22,9 @@ source "$(dirname "$0")/present_names.sh"
 have=$(present_names "$PRESENT")
 [ -n "$have" ] || { echo "gpu_wheels: '$PRESENT' names no packages" >&2; exit 2; }
 SOURCE_ONLY="fvcore iopath yacs"
-SKIP="^(torch|triton|nvidia-.*|cuda-.*|psycopg.*|vit-pytorch|sora-ablation-harness|pip|setuptools|wheel)$"
-need=$("$PY" -m pip list --format=freeze --exclude-editable 2>/dev/null | grep '==' \
-  | while IFS='=' read -r name _ ver; do
-      n=$(norm <<< "$name"); listed "$n" "$have" && continue
-      [[ $n =~ $SKIP ]] && continue; echo "$n==$ver"; done)
+SKIP="^($DEVICE_OWN|cuda-.*|psycopg.*|vit-pytorch|sora-ablation-harness|pip|setuptools|wheel)$"
+need=$(venv_pins "$PY" | while IFS='=' read -r n _ ver; do
+         listed "$n" "$have" || [[ $n =~ $SKIP ]] || echo "$n==$ver"; done)
 echo "gpu_wheels: $(echo "$need" | grep -c .) packages to carry: $(echo $need)"
 [ -n "$need" ] && [ -z "${LIST_ONLY:-}" ] || exit 0
 mkdir -p "$DIR"
