@@ -87,19 +87,24 @@ def test_packing_benchmark_compiles_every_arms_blocks_on_request(tmp_path):
     assert "blocks eager" in bench_packing.render_report({**r, "compile_blocks": False})
 
 
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_pack_flop_ceiling_counts_flex_blocks_and_padded_attention_exactly():
     """scripts/pack_flop_ceiling.py on four 32x32 images (64 tokens each, patch 4): pad runs
     4 rows of 64; pack runs 2 rows of 128 slots, two images each. At block 128 each row is one
     partial block, twice the block-diagonal pairs; at block 64 the two diagonal blocks are
     exactly the images', so the counts equal the block-diagonal work."""
-    import importlib.util
-    from pathlib import Path
     import torch
     from harness import registry
-    path = Path(__file__).resolve().parents[1] / "scripts" / "pack_flop_ceiling.py"
-    spec = importlib.util.spec_from_file_location("pack_flop_ceiling", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("pack_flop_ceiling")
     cfg = {"input_size": 32, "max_seq_len": 128, "max_grid": 8, "patch_size": 4, "in_channels": 1,
            "num_classes": 10, "depth": 1, "batching": "pack"}
     model, _ = registry.build("navit-ti", cfg, device="cpu", seed=0)
@@ -112,6 +117,42 @@ def test_pack_flop_ceiling_counts_flex_blocks_and_padded_attention_exactly():
     pad = 256 * per_token + 4 * 64 ** 2 * per_pair
     assert r["blocks"][128]["mac_ratio"] == pytest.approx(pad / (256 * per_token + 2 * 128 ** 2 * per_pair))
     assert r["blocks"][64]["mac_ratio"] == pytest.approx(1.0)
+
+
+def test_pack_cost_split_times_the_study_cell_and_sorts_every_op(capsys, tmp_path):
+    """scripts/pack_cost_split.py on the speed_packing study's smoke cell: pad's rows over the
+    real tokens is the ideal, pack computes no more rows than pad and no fewer than the real
+    tokens, each arm's ops are sorted into the named kinds with the GEMMs and SDPA calls found;
+    ``--out`` writes the table with its command and machine; a skew the study does not sweep, or no rounds, is refused with exit 2 before any work."""
+    from pathlib import Path
+    from harness.studies import load_study
+    script = _script("pack_cost_split")
+    assert script.kind_of("aten::addmm") == "GEMM (Linear layers)"
+    assert script.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention (SDPA)"
+    assert script.kind_of("aten::_fused_adamw_") == "optimiser (AdamW)"
+    assert script.kind_of("aten::index_select") == "gather, scatter, embeddings"
+    assert script.kind_of("aten::view") == script.OTHER
+    path = str(Path(__file__).resolve().parents[1] / "studies" / "speed_packing.yaml")
+    study = load_study(path, "smoke")
+    r = script.measure(study, 2.0, 0, rounds=1, profiled=1)
+    assert r["images"] == 16 and r["ideal"] == pytest.approx(r["rows"]["pad"] / r["real"])
+    assert r["ideal"] > 1.5 and r["real"] <= r["rows"]["pack"] < r["rows"]["pad"]
+    assert r["speedup"] > 0 and set(r["ms"]) == {"pack", "pad"}
+    names = {k for k, _ in script.KINDS} | {script.OTHER}
+    for arm in ("pack", "pad"):
+        assert set(r["kinds"][arm]) <= names
+        assert r["kinds"][arm]["GEMM (Linear layers)"] > 0 and r["kinds"][arm]["attention (SDPA)"] > 0
+    out = tmp_path / "split" / "README.md"
+    assert script.main(["--study", path, "--profile", "smoke", "--skew", "2", "--rounds", "1",
+                        "--profiled", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "python scripts/pack_cost_split.py" in text and "torch " in text
+    assert "| all |" in text and "of the ideal" in text and text.strip().endswith("100% |")
+    capsys.readouterr()
+    assert script.main(["--study", path, "--profile", "smoke", "--skew", "3"]) == 2
+    assert "its skews: [2.0]" in capsys.readouterr().err
+    assert script.main(["--study", path, "--profile", "smoke", "--rounds", "0"]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
 def test_gpu_wheels_carries_only_what_the_device_lacks_and_refuses_bad_input(tmp_path):

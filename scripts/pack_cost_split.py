@@ -1,0 +1,167 @@
+"""Where does the packing study's pack step lose to its ideal on CPU? Per-op time, pack vs pad.
+
+    python scripts/pack_cost_split.py [--study studies/speed_packing.yaml] [--profile cpu]
+                                      [--skew 4] [--seed 0] [--rounds 10] [--profiled 3]
+                                      [--out FILE.md]
+
+Builds one cell of the study as its trial does (the study's model, data and batch for that
+skew and seed; glibc malloc tuned as in a trial), a pad copy with the same weights (the
+study's in-trial reference), and then:
+
+1. times their train steps alternately (the warm-up, heap settling and rounds of the
+   study's ``reference_ab``): pad step / pack step is the study's ``train_speedup_vs_reference``;
+2. profiles a few steps of each and splits the self CPU time by kind of op.
+
+The ideal speedup is pad's rows over the images' real tokens.  Pack computes rows too: its
+packs, each as long as the fullest one, padding included.  So a pack step whose cost followed
+its rows would reach ``real / pack rows`` of the ideal, and each kind of op's pad / pack time
+ratio, read against the row ratio, shows which kinds cost pack more per row than pad, and how
+much of the step they are."""
+import harness  # noqa: F401  (before torch)
+import argparse
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from harness import registry
+from harness.bench_peer import hardware, software_detail
+from harness.data.base import build_dataset
+from harness.errors import HarnessError, check_counts
+from harness.metrics import cpu_malloc
+from harness.metrics.speed import (adamw, alternate, make_train_step, paired_ratios)
+from harness.studies import load_study, resolve_trial
+
+# (kind, pattern on the op's name): the first match wins; the rest is "calls, views, autograd"
+KINDS = [
+    ("GEMM (Linear layers)", r"^aten::(mm|addmm|bmm|baddbmm)$"),
+    ("attention (SDPA)", r"scaled_dot_product|flash_attention"),
+    ("element-wise, norms, copies", r"^aten::(gelu|gelu_backward|native_layer_norm|"
+     r"native_layer_norm_backward|add|add_|mul|mul_|sub|div|pow|sum|mean|copy_|cat|fill_|"
+     r"zero_|clone|where|mse_loss|mse_loss_backward|sqrt|neg|softmax|_softmax|"
+     r"_softmax_backward_data|stack|masked_fill|ones_like|zeros_like)$"),
+    ("gather, scatter, embeddings", r"^aten::(index_select|index|index_add_|scatter_add_|"
+     r"scatter_|gather|embedding|embedding_dense_backward|unfold|take)$"),
+    ("optimiser (AdamW)", r"adamw|Optimizer"),
+]
+OTHER = "calls, views, autograd"
+
+
+def kind_of(name: str) -> str:
+    return next((k for k, pat in KINDS if re.search(pat, name)), OTHER)
+
+
+def split(step, steps: int) -> dict[str, float]:
+    """Self CPU ms per step by kind of op, over ``steps`` profiled steps."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        k = kind_of(e.key)
+        out[k] = out.get(k, 0.0) + e.self_cpu_time_total / 1e3 / steps
+    return out
+
+
+def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
+    """The pack cell at ``skew`` and its pad copy (same weights, same batch): timed train
+    steps, rows, and self CPU ms per step by kind of op."""
+    cells = {(c.get("data.skew"), c.get("batching")): c for c in study.cells()}
+    trial = resolve_trial(study, cells[(skew, "pack")], seed)
+    pad_trial = resolve_trial(study, cells[(skew, "pad")], seed)
+    cpu_malloc.tune()
+    device = torch.device("cpu")
+    opts = trial.task_options
+    data = build_dataset(study.data, trial.data_options)
+    loader = data.loader("train", opts.batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(seed))  # as the trial's batch
+    images, _ = next(iter(loader))
+    models = {}
+    for name, t in (("pack", trial), ("pad", pad_trial)):
+        models[name], _ = registry.build(t.variant, t.model_overrides, device=device, seed=seed)
+    models["pad"].load_state_dict(models["pack"].state_dict())
+    rows = {}
+    for name, m in models.items():
+        m.extra_metrics()  # the counts since the last call: this one forward's
+        with torch.no_grad():
+            m(images)
+        x = m.extra_metrics()
+        rows[name], real = x["real_tokens"] + x["padded_tokens"], x["real_tokens"]
+    steps = {}
+    for name, m in models.items():
+        m.train()
+        steps[name] = make_train_step(m, m, (images,), adamw(m.parameters(), device), device,
+                                      False)
+    times = alternate(steps, device, opts.warmup, rounds=rounds, abba=True,
+                      settle=opts.reference_settle)
+    return {"images": len(images), "real": real, "rows": rows,
+            "ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
+            "speedup": statistics.median(paired_ratios(times["pad"], times["pack"])),
+            "ideal": rows["pad"] / real,
+            "kinds": {name: split(step, profiled) for name, step in steps.items()}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--study", default="studies/speed_packing.yaml")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--skew", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=10, help="timed rounds of pack and pad")
+    ap.add_argument("--profiled", type=int, default=3, help="profiled steps per arm")
+    ap.add_argument("--out", help="also write what it prints to this file, with the command "
+                    "and the machine")
+    a = ap.parse_args(argv)
+    try:
+        check_counts(("--rounds", a.rounds, 1), ("--profiled", a.profiled, 1),
+                     ("--seed", a.seed, 0))
+        study = load_study(a.study, a.profile)
+        if study.task != "benchmark" or study.data != "varres_digits":
+            raise HarnessError(f"{a.study}: a {study.task} study of {study.data}; this reads a "
+                               "benchmark study of varres_digits (pack and pad cells)")
+        have = {(c.get("data.skew"), c.get("batching")) for c in study.cells()}
+        if not {(a.skew, "pack"), (a.skew, "pad")} <= have:
+            skews = sorted({s for s, b in have if s is not None})
+            raise HarnessError(f"--skew {a.skew:g}: {a.study} (profile {a.profile}) has no pack "
+                               f"and pad cells at that skew; its skews: {skews}")
+    except HarnessError as e:
+        print(f"pack_cost_split: error: {e}", file=sys.stderr)
+        return 2
+    r = measure(study, a.skew, a.seed, a.rounds, a.profiled)
+    rows, real, ms, ideal, kinds = r["rows"], r["real"], r["ms"], r["ideal"], r["kinds"]
+    out = [f"{a.study} --profile {a.profile}, skew {a.skew:g}, seed {a.seed}: {r['images']} "
+           f"images, {real:.0f} real tokens; pad {rows['pad']:.0f} rows, pack {rows['pack']:.0f} "
+           f"rows ({rows['pack'] / real:.3f} per real token)",
+           f"train step, median of {a.rounds} alternated rounds: pack {ms['pack']:.1f} ms, "
+           f"pad {ms['pad']:.1f} ms; paired speedup {r['speedup']:.3f} against the ideal "
+           f"{ideal:.3f} = {r['speedup'] / ideal:.1%} of it",
+           f"if pack's cost followed its rows: {rows['pad'] / rows['pack']:.3f} "
+           f"= {real / rows['pack']:.1%} of the ideal (pack's own padding is the rest)", "",
+           f"self CPU time per train step, {a.profiled} profiled steps each "
+           f"(row ratio pad / pack = {rows['pad'] / rows['pack']:.2f}):", "",
+           "| kind of op | pack ms | pad ms | pad / pack | share of pack's step |",
+           "|---|---|---|---|---|"]
+    tot = {n: sum(k.values()) for n, k in kinds.items()}
+    for k in [k for k, _ in KINDS] + [OTHER]:
+        p, q = kinds["pack"].get(k, 0.0), kinds["pad"].get(k, 0.0)
+        ratio = f"{q / p:.2f}" if p else "-"
+        out.append(f"| {k} | {p:.1f} | {q:.1f} | {ratio} | {p / tot['pack']:.0%} |")
+    out.append(f"| all | {tot['pack']:.1f} | {tot['pad']:.1f} | {tot['pad'] / tot['pack']:.2f} "
+               "| 100% |")
+    print("\n".join(out))
+    if a.out:
+        hw = hardware()
+        head = [f"# Pack vs pad, op by op: skew {a.skew:g}, seed {a.seed}", "",
+                "    " + " ".join(["python scripts/pack_cost_split.py", *sys.argv[1:]]), "",
+                f"{hw['cpu']} ({hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads), "
+                f"torch {hw['torch']} ({software_detail(hw)}), commit {hw['git_sha']}", ""]
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text("\n".join(head + out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
