@@ -10,7 +10,8 @@ study's in-trial reference), and then:
 
 1. times their train steps alternately (the warm-up, heap settling and rounds of the
    study's ``reference_ab``): pad step / pack step is the study's ``train_speedup_vs_reference``;
-2. profiles a few steps of each and splits the self CPU time by kind of op.
+2. profiles a few steps of each, one of each arm in turn, and splits the self CPU time by
+   kind of op.
 
 The ideal speedup is pad's rows over the images' real tokens.  Pack computes rows too: its
 packs, each as long as the fullest one, padding included.  So a pack step whose cost followed
@@ -101,7 +102,20 @@ def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
             "ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
             "speedup": statistics.median(paired_ratios(times["pad"], times["pack"])),
             "ideal": rows["pad"] / real,
-            "kinds": {name: split(step, profiled) for name, step in steps.items()}}
+            "kinds": profile_kinds(steps, profiled)}
+
+
+def profile_kinds(steps: dict, profiled: int) -> dict[str, dict[str, float]]:
+    """Mean self CPU ms per step by kind of op, per arm: one profiled step of each arm in
+    turn (every other round reversed), so a slow spell or the profiler's own allocations fall
+    on both arms alike."""
+    sums: dict[str, dict[str, float]] = {name: {} for name in steps}
+    names = list(steps)
+    for r in range(profiled):
+        for name in (names[::-1] if r % 2 else names):
+            for k, ms in split(steps[name], 1).items():
+                sums[name][k] = sums[name].get(k, 0.0) + ms / profiled
+    return sums
 
 
 def main(argv=None) -> int:
@@ -111,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skew", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds of pack and pad")
-    ap.add_argument("--profiled", type=int, default=3, help="profiled steps per arm")
+    ap.add_argument("--profiled", type=int, default=4, help="profiled steps per arm, alternated")
     ap.add_argument("--out", help="also write what it prints to this file, with the command "
                     "and the machine")
     a = ap.parse_args(argv)
@@ -140,7 +154,7 @@ def main(argv=None) -> int:
            f"{ideal:.3f} = {r['speedup'] / ideal:.1%} of it",
            f"if pack's cost followed its rows: {rows['pad'] / rows['pack']:.3f} "
            f"= {real / rows['pack']:.1%} of the ideal (pack's own padding is the rest)", "",
-           f"self CPU time per train step, {a.profiled} profiled steps each "
+           f"self CPU time per train step, mean of {a.profiled} profiled steps each, alternated "
            f"(row ratio pad / pack = {rows['pad'] / rows['pack']:.2f}):", "",
            "| kind of op | pack ms | pad ms | pad / pack | share of pack's step |",
            "|---|---|---|---|---|"]
