@@ -1,7 +1,7 @@
 """Where does the packing study's pack step lose to its ideal on CPU? Per-op time, pack vs pad.
 
     python scripts/pack_cost_split.py [--study studies/speed_packing.yaml] [--profile cpu]
-                                      [--skew 4] [--seed 0] [--rounds 10] [--profiled 3]
+                                      [--skew 4] [--seed 0] [--rounds 10] [--profiled 4]
                                       [--out FILE.md]
 
 Builds one cell of the study as its trial does (the study's model, data and batch for that
