@@ -35,6 +35,7 @@ from harness.errors import HarnessError, check_counts
 from harness.metrics import cpu_malloc
 from harness.metrics.speed import (adamw, alternate, make_train_step, paired_ratios)
 from harness.studies import load_study, resolve_trial
+from harness.tasks.benchmark import data_batch
 
 # (kind, pattern on the op's name): the first match wins; the rest is "calls, views, autograd"
 KINDS = [
@@ -55,31 +56,33 @@ def kind_of(name: str) -> str:
     return next((k for k, pat in KINDS if re.search(pat, name)), OTHER)
 
 
-def split(step, steps: int) -> dict[str, float]:
-    """Self CPU ms per step by kind of op, over ``steps`` profiled steps."""
+def split(step) -> dict[str, float]:
+    """Self CPU ms of one profiled ``step`` by kind of op."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
+        step()
     out: dict[str, float] = {}
     for e in prof.key_averages():
         k = kind_of(e.key)
-        out[k] = out.get(k, 0.0) + e.self_cpu_time_total / 1e3 / steps
+        out[k] = out.get(k, 0.0) + e.self_cpu_time_total / 1e3
     return out
+
+
+def skew_cells(study) -> dict:
+    """The study's cells by (skew, batching)."""
+    return {(c.get("data.skew"), c.get("batching")): c for c in study.cells()}
 
 
 def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
     """The pack cell at ``skew`` and its pad copy (same weights, same batch): timed train
     steps, rows, and self CPU ms per step by kind of op."""
-    cells = {(c.get("data.skew"), c.get("batching")): c for c in study.cells()}
+    cells = skew_cells(study)
     trial = resolve_trial(study, cells[(skew, "pack")], seed)
     pad_trial = resolve_trial(study, cells[(skew, "pad")], seed)
     cpu_malloc.tune()
     device = torch.device("cpu")
     opts = trial.task_options
-    data = build_dataset(study.data, trial.data_options)
-    loader = data.loader("train", opts.batch_size, shuffle=True,
-                         generator=torch.Generator().manual_seed(seed))  # as the trial's batch
-    images, _ = next(iter(loader))
+    inputs = data_batch(build_dataset(study.data, trial.data_options), opts.batch_size, seed,
+                        device)  # the trial's batch
     models = {}
     for name, t in (("pack", trial), ("pad", pad_trial)):
         models[name], _ = registry.build(t.variant, t.model_overrides, device=device, seed=seed)
@@ -88,17 +91,17 @@ def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
     for name, m in models.items():
         m.extra_metrics()  # the counts since the last call: this one forward's
         with torch.no_grad():
-            m(images)
+            m(*inputs)
         x = m.extra_metrics()
         rows[name], real = x["real_tokens"] + x["padded_tokens"], x["real_tokens"]
     steps = {}
     for name, m in models.items():
         m.train()
-        steps[name] = make_train_step(m, m, (images,), adamw(m.parameters(), device), device,
+        steps[name] = make_train_step(m, m, inputs, adamw(m.parameters(), device), device,
                                       False)
     times = alternate(steps, device, opts.warmup, rounds=rounds, abba=True,
                       settle=opts.reference_settle)
-    return {"images": len(images), "real": real, "rows": rows,
+    return {"images": len(inputs[0]), "real": real, "rows": rows,
             "ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
             "speedup": statistics.median(paired_ratios(times["pad"], times["pack"])),
             "ideal": rows["pad"] / real,
@@ -113,7 +116,7 @@ def profile_kinds(steps: dict, profiled: int) -> dict[str, dict[str, float]]:
     names = list(steps)
     for r in range(profiled):
         for name in (names[::-1] if r % 2 else names):
-            for k, ms in split(steps[name], 1).items():
+            for k, ms in split(steps[name]).items():
                 sums[name][k] = sums[name].get(k, 0.0) + ms / profiled
     return sums
 
@@ -136,8 +139,8 @@ def main(argv=None) -> int:
         if study.task != "benchmark" or study.data != "varres_digits":
             raise HarnessError(f"{a.study}: a {study.task} study of {study.data}; this reads a "
                                "benchmark study of varres_digits (pack and pad cells)")
-        have = {(c.get("data.skew"), c.get("batching")) for c in study.cells()}
-        if not {(a.skew, "pack"), (a.skew, "pad")} <= have:
+        have = skew_cells(study)
+        if not {(a.skew, "pack"), (a.skew, "pad")} <= have.keys():
             skews = sorted({s for s, b in have if s is not None})
             raise HarnessError(f"--skew {a.skew:g}: {a.study} (profile {a.profile}) has no pack "
                                f"and pad cells at that skew; its skews: {skews}")

@@ -100,15 +100,21 @@ def bench_inputs(ctx: TrialContext, opts: BenchmarkOptions) -> tuple:
     if opts.inputs == "model":
         return ctx.model.example_inputs(opts.batch_size, device=ctx.device,
                                         generator=torch.Generator().manual_seed(ctx.seed))
+    return data_batch(ctx.data, opts.batch_size, ctx.seed, ctx.device)
+
+
+def data_batch(data, batch_size: int, seed: int, device: torch.device) -> tuple:
+    """The first batch of ``data``'s train split shuffled with ``seed``, as the model's
+    positional inputs (labels dropped): what an ``inputs=data`` trial times."""
     from .classify import to_device
-    n = len(ctx.data.train)
-    if n < opts.batch_size:
+    n = len(data.train)
+    if n < batch_size:
         raise ConfigError(f"inputs=data: the train split has {n} samples, fewer than "
-                          f"batch_size={opts.batch_size}")
-    loader = ctx.data.loader("train", opts.batch_size, shuffle=True,
-                             generator=torch.Generator().manual_seed(ctx.seed))
+                          f"batch_size={batch_size}")
+    loader = data.loader("train", batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(seed))
     x, _ = next(iter(loader))
-    return (to_device(x, ctx.device),)
+    return (to_device(x, device),)
 
 
 def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple[dict, dict]:
