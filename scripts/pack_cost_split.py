@@ -34,7 +34,7 @@ from harness.data.base import build_dataset
 from harness.errors import HarnessError, check_counts
 from harness.metrics import cpu_malloc
 from harness.metrics.speed import (adamw, alternate, make_train_step, paired_ratios)
-from harness.studies import load_study, resolve_trial
+from harness.studies import cell_task_options, load_study, resolve_trial
 from harness.tasks.benchmark import data_batch
 
 # (kind, pattern on the op's name): the first match wins; the rest is "calls, views, autograd"
@@ -67,25 +67,25 @@ def split(step) -> dict[str, float]:
     return out
 
 
-def skew_cells(study) -> dict:
-    """The study's cells by (skew, batching)."""
-    return {(c.get("data.skew"), c.get("batching")): c for c in study.cells()}
+def pack_cells(study) -> dict:
+    """The study's pack cells by skew."""
+    return {c.get("data.skew"): c for c in study.cells() if c.get("batching") == "pack"}
 
 
 def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
-    """The pack cell at ``skew`` and its pad copy (same weights, same batch): timed train
-    steps, rows, and self CPU ms per step by kind of op."""
-    cells = skew_cells(study)
-    trial = resolve_trial(study, cells[(skew, "pack")], seed)
-    pad_trial = resolve_trial(study, cells[(skew, "pad")], seed)
+    """The pack cell at ``skew`` and its in-trial reference, as ``reference_ab`` builds it
+    (the cell's config with the study's ``reference`` overrides, here ``batching: pad``; same
+    weights, same batch): timed train steps, rows, and self CPU ms per step by kind of op."""
+    trial = resolve_trial(study, pack_cells(study)[skew], seed)
     cpu_malloc.tune()
     device = torch.device("cpu")
     opts = trial.task_options
     inputs = data_batch(build_dataset(study.data, trial.data_options), opts.batch_size, seed,
                         device)  # the trial's batch
     models = {}
-    for name, t in (("pack", trial), ("pad", pad_trial)):
-        models[name], _ = registry.build(t.variant, t.model_overrides, device=device, seed=seed)
+    for name, over in (("pack", {}), ("pad", opts.reference)):
+        models[name], _ = registry.build(trial.variant, {**trial.model_overrides, **over},
+                                         device=device, seed=seed)
     models["pad"].load_state_dict(models["pack"].state_dict())
     rows = {}
     for name, m in models.items():
@@ -138,12 +138,16 @@ def main(argv=None) -> int:
         study = load_study(a.study, a.profile)
         if study.task != "benchmark" or study.data != "varres_digits":
             raise HarnessError(f"{a.study}: a {study.task} study of {study.data}; this reads a "
-                               "benchmark study of varres_digits (pack and pad cells)")
-        have = skew_cells(study)
-        if not {(a.skew, "pack"), (a.skew, "pad")} <= have.keys():
-            skews = sorted({s for s, b in have if s is not None})
+                               "benchmark study of varres_digits (pack cells, pad reference)")
+        have = pack_cells(study)
+        if a.skew not in have:
+            skews = sorted(s for s in have if s is not None)
             raise HarnessError(f"--skew {a.skew:g}: {a.study} (profile {a.profile}) has no pack "
-                               f"and pad cells at that skew; its skews: {skews}")
+                               f"cell at that skew; its skews: {skews}")
+        if cell_task_options(study, have[a.skew]).reference != {"batching": "pad"}:
+            raise HarnessError(f"{a.study}: its pack cell at skew {a.skew:g} needs the task "
+                               "option `reference: {batching: pad}` (the in-trial pad copy "
+                               "this compares pack with)")
     except HarnessError as e:
         print(f"pack_cost_split: error: {e}", file=sys.stderr)
         return 2
