@@ -33,9 +33,9 @@ from harness.bench_peer import hardware, software_detail
 from harness.data.base import build_dataset
 from harness.errors import HarnessError, check_counts
 from harness.metrics import cpu_malloc
-from harness.metrics.speed import (adamw, alternate, make_train_step, paired_ratios)
+from harness.metrics.speed import alternate, paired_ratios
 from harness.studies import cell_task_options, load_study, resolve_trial
-from harness.tasks.benchmark import data_batch
+from harness.tasks.benchmark import ab_steps, build_reference, data_batch
 
 # (kind, pattern on the op's name): the first match wins; the rest is "calls, views, autograd"
 KINDS = [
@@ -82,11 +82,12 @@ def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
     opts = trial.task_options
     inputs = data_batch(build_dataset(study.data, trial.data_options), opts.batch_size, seed,
                         device)  # the trial's batch
-    models = {}
-    for name, over in (("pack", {}), ("pad", opts.reference)):
-        models[name], _ = registry.build(trial.variant, {**trial.model_overrides, **over},
-                                         device=device, seed=seed)
-    models["pad"].load_state_dict(models["pack"].state_dict())
+    pack, cfg = registry.build(trial.variant, trial.model_overrides, device=device, seed=seed)
+    pad, weights = build_reference(trial.variant, cfg, pack, opts.reference, seed, device)
+    if weights != "shared":
+        raise HarnessError(f"the pad reference of skew {skew:g} does not take the pack cell's "
+                           f"weights ({weights}): the two arms would not be the same model")
+    models = {"pack": pack, "pad": pad}
     rows = {}
     for name, m in models.items():
         m.extra_metrics()  # the counts since the last call: this one forward's
@@ -94,11 +95,7 @@ def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
             m(*inputs)
         x = m.extra_metrics()
         rows[name], real = x["real_tokens"] + x["padded_tokens"], x["real_tokens"]
-    steps = {}
-    for name, m in models.items():
-        m.train()
-        steps[name] = make_train_step(m, m, inputs, adamw(m.parameters(), device), device,
-                                      False)
+    steps = ab_steps(models, inputs, device, opts, "train")
     times = alternate(steps, device, opts.warmup, rounds=rounds, abba=True,
                       settle=opts.reference_settle)
     return {"images": len(inputs[0]), "real": real, "rows": rows,
@@ -176,7 +173,8 @@ def main(argv=None) -> int:
     if a.out:
         hw = hardware()
         head = [f"# Pack vs pad, op by op: skew {a.skew:g}, seed {a.seed}", "",
-                "    " + " ".join(["python scripts/pack_cost_split.py", *sys.argv[1:]]), "",
+                "    " + " ".join(["python scripts/pack_cost_split.py",
+                                      *(sys.argv[1:] if argv is None else argv)]), "",
                 f"{hw['cpu']} ({hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads), "
                 f"torch {hw['torch']} ({software_detail(hw)}), commit {hw['git_sha']}", ""]
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

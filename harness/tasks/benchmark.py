@@ -117,6 +117,43 @@ def data_batch(data, batch_size: int, seed: int, device: torch.device) -> tuple:
     return (to_device(x, device),)
 
 
+def build_reference(variant: str, model_cfg, model, reference: dict, seed: int,
+                    device: torch.device):
+    """``(reference model, weights)``: ``variant`` built from ``model_cfg`` with the
+    ``reference`` overrides, carrying ``model``'s weights where the state dicts match (else its
+    own init, and ``weights`` says so); None when the overrides leave the config as it is."""
+    from .. import registry
+    own_cfg = registry.config_dict(model_cfg)
+    over = {**own_cfg, **reference}
+    if over == own_cfg:
+        return None
+    ref, _ = registry.build(variant, over, device=device, seed=seed)
+    try:
+        ref.load_state_dict(model.state_dict())
+        weights = "shared"
+    except RuntimeError:  # the overrides change the parameters: the reference's own init
+        weights = f"own init (seed {seed}): the parameters differ"
+    return ref, weights
+
+
+def ab_steps(models: dict, inputs: tuple, device: torch.device, o: BenchmarkOptions,
+             mode: str) -> dict:
+    """One ``mode`` ("train" or "infer") step function per model (name -> model), as a trial
+    times them: each in that mode, its own AdamW for training, the options' bf16 and SDPA
+    kernel."""
+    from ..metrics.speed import adamw, make_infer_step, make_train_step
+    steps = {}
+    for name, m in models.items():
+        if mode == "train":
+            m.train()
+            steps[name] = make_train_step(m, m, inputs, adamw(m.parameters(), device), device,
+                                          o.bf16, o.attention)
+        else:
+            m.eval()
+            steps[name] = make_infer_step(m, inputs, device, o.bf16, o.attention)
+    return steps
+
+
 def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple[dict, dict]:
     """The trial's model against ``o.reference`` (its config with those overrides, the same
     weights where the state dicts match), on the same batch: warm-up steps each, then rounds
@@ -128,21 +165,14 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
     import json
     import statistics
 
-    from .. import registry
-    from ..metrics.speed import (adamw, alternate, channels_last_model, make_infer_step,
-                                 make_train_step, paired_ratios, settle_method,
+    from ..metrics.speed import (alternate, channels_last_model, paired_ratios, settle_method,
                                  settled_fields)
-    own_cfg = registry.config_dict(ctx.model_cfg)
-    over = {**own_cfg, **o.reference}
-    if over == own_cfg:
+    built = build_reference(ctx.variant, ctx.model_cfg, ctx.model, o.reference, ctx.seed,
+                            ctx.device)
+    if built is None:
         return {}, {"bench.reference": "skipped: the trial's own config"}
+    ref, weights = built
     device = ctx.device
-    ref, _ = registry.build(ctx.variant, over, device=device, seed=ctx.seed)
-    try:
-        ref.load_state_dict(ctx.model.state_dict())
-        weights = "shared"
-    except RuntimeError:  # the overrides change the parameters: the reference's own init
-        weights = f"own init (seed {ctx.seed}): the parameters differ"
     if o.channels_last:  # measure_speed already converted the trial's model
         inputs = channels_last_model(ref, inputs)
     out: dict = {}
@@ -157,15 +187,7 @@ def reference_ab(ctx: TrialContext, o: BenchmarkOptions, inputs: tuple) -> tuple
     for mode in ("train", "infer"):
         if not getattr(o, mode):
             continue
-        steps = {}
-        for name, m in models.items():
-            if mode == "train":
-                m.train()
-                steps[name] = make_train_step(m, m, inputs, adamw(m.parameters(), device), device,
-                                              o.bf16, o.attention)
-            else:
-                m.eval()
-                steps[name] = make_infer_step(m, inputs, device, o.bf16, o.attention)
+        steps = ab_steps(models, inputs, device, o, mode)
         faults: dict = {}
         times = alternate(steps, device, o.warmup, rounds=rounds, abba=True,
                           settle=o.reference_settle, faults=faults)
