@@ -2,7 +2,7 @@
 
     python scripts/pack_cost_split.py [--study studies/speed_packing.yaml] [--profile cpu]
                                       [--skew 4] [--seed 0] [--rounds 10] [--profiled 4]
-                                      [--out FILE.md]
+                                      [--top 8] [--out FILE.md]
 
 Builds one cell of the study as its trial does (the study's model, data and batch for that
 skew and seed; glibc malloc tuned as in a trial), a pad copy with the same weights (the
@@ -11,7 +11,8 @@ study's in-trial reference), and then:
 1. times their train steps alternately (the warm-up, heap settling and rounds of the
    study's ``reference_ab``): pad step / pack step is the study's ``train_speedup_vs_reference``;
 2. profiles a few steps of each, one of each arm in turn, and splits the self CPU time by
-   kind of op.
+   kind of op; it counts each arm's op calls per step and lists the ops of the kinds that do
+   not shrink with rows (calls and views, autograd, gathers, AdamW) that cost pack the most.
 
 The ideal speedup is pad's rows over the images' real tokens.  Pack computes rows too: its
 packs, each as long as the fullest one, padding included.  So a pack step whose cost followed
@@ -56,15 +57,17 @@ def kind_of(name: str) -> str:
     return next((k for k, pat in KINDS if re.search(pat, name)), OTHER)
 
 
-def split(step) -> dict[str, float]:
-    """Self CPU ms of one profiled ``step`` by kind of op."""
+def split(step) -> tuple[dict[str, float], dict[str, tuple[int, float]]]:
+    """One profiled ``step``: self CPU ms by kind of op, and each op's (calls, self CPU ms)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    out: dict[str, float] = {}
+    kinds: dict[str, float] = {}
+    ops: dict[str, tuple[int, float]] = {}
     for e in prof.key_averages():
-        k = kind_of(e.key)
-        out[k] = out.get(k, 0.0) + e.self_cpu_time_total / 1e3
-    return out
+        ms = e.self_cpu_time_total / 1e3
+        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + ms
+        ops[e.key] = (e.count, ms)
+    return kinds, ops
 
 
 def pack_cells(study) -> dict:
@@ -98,24 +101,46 @@ def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
     steps = ab_steps(models, inputs, device, opts, "train")
     times = alternate(steps, device, opts.warmup, rounds=rounds, abba=True,
                       settle=opts.reference_settle)
+    kinds, ops = profile_kinds(steps, profiled)
     return {"images": len(inputs[0]), "real": real, "rows": rows,
             "ms": {n: statistics.median(t) * 1e3 for n, t in times.items()},
             "speedup": statistics.median(paired_ratios(times["pad"], times["pack"])),
             "ideal": rows["pad"] / real,
-            "kinds": profile_kinds(steps, profiled)}
+            "kinds": kinds, "ops": ops}
 
 
-def profile_kinds(steps: dict, profiled: int) -> dict[str, dict[str, float]]:
-    """Mean self CPU ms per step by kind of op, per arm: one profiled step of each arm in
-    turn (every other round reversed), so a slow spell or the profiler's own allocations fall
-    on both arms alike."""
-    sums: dict[str, dict[str, float]] = {name: {} for name in steps}
+def profile_kinds(steps: dict, profiled: int) -> tuple[dict, dict]:
+    """Per arm, mean self CPU ms per step by kind of op, and each op's mean (calls, self CPU
+    ms) per step: one profiled step of each arm in turn (every other round reversed), so a
+    slow spell or the profiler's own allocations fall on both arms alike."""
+    kinds: dict[str, dict[str, float]] = {name: {} for name in steps}
+    ops: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in steps}
     names = list(steps)
     for r in range(profiled):
         for name in (names[::-1] if r % 2 else names):
-            for k, ms in split(steps[name]).items():
-                sums[name][k] = sums[name].get(k, 0.0) + ms / profiled
-    return sums
+            by_kind, by_op = split(steps[name])
+            for k, ms in by_kind.items():
+                kinds[name][k] = kinds[name].get(k, 0.0) + ms / profiled
+            for k, (n, ms) in by_op.items():
+                n0, ms0 = ops[name].get(k, (0.0, 0.0))
+                ops[name][k] = (n0 + n / profiled, ms0 + ms / profiled)
+    return kinds, ops
+
+
+FIXED = ("gather, scatter, embeddings", "optimiser (AdamW)", OTHER)  # kinds that do not shrink
+
+
+def top_fixed_ops(ops: dict[str, dict[str, tuple[float, float]]], top: int) -> list[str]:
+    """Markdown rows: the ``top`` ops of the kinds that do not shrink with rows, by pack's self
+    CPU ms per step, with their calls per step in each arm."""
+    fixed = [k for k in ops["pack"] if kind_of(k) in FIXED]
+    fixed.sort(key=lambda k: -ops["pack"][k][1])
+    rows = ["| op | kind | pack calls | pack ms | pad calls | pad ms |",
+            "|---|---|---|---|---|---|"]
+    for k in fixed[:top]:
+        (pn, pms), (qn, qms) = ops["pack"][k], ops["pad"].get(k, (0.0, 0.0))
+        rows.append(f"| `{k}` | {kind_of(k)} | {pn:.0f} | {pms:.2f} | {qn:.0f} | {qms:.2f} |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -126,12 +151,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds of pack and pad")
     ap.add_argument("--profiled", type=int, default=4, help="profiled steps per arm, alternated")
+    ap.add_argument("--top", type=int, default=8, help="list this many ops of the kinds that "
+                    "do not shrink with rows, with their calls per step (0: none)")
     ap.add_argument("--out", help="also write what it prints to this file, with the command "
                     "and the machine")
     a = ap.parse_args(argv)
     try:
         check_counts(("--rounds", a.rounds, 1), ("--profiled", a.profiled, 1),
-                     ("--seed", a.seed, 0))
+                     ("--seed", a.seed, 0), ("--top", a.top, 0))
         study = load_study(a.study, a.profile)
         if study.task != "benchmark" or study.data != "varres_digits":
             raise HarnessError(f"{a.study}: a {study.task} study of {study.data}; this reads a "
@@ -169,6 +196,14 @@ def main(argv=None) -> int:
         out.append(f"| {k} | {p:.1f} | {q:.1f} | {ratio} | {p / tot['pack']:.0%} |")
     out.append(f"| all | {tot['pack']:.1f} | {tot['pad']:.1f} | {tot['pad'] / tot['pack']:.2f} "
                "| 100% |")
+    calls = {n: sum(c for c, _ in o.values()) for n, o in r["ops"].items()}
+    out += ["", f"op calls per profiled step: pack {calls['pack']:.0f}, pad {calls['pad']:.0f}; "
+            f"the profiled steps' self times sum to {tot['pack'] / ms['pack']:.2f} (pack) and "
+            f"{tot['pad'] / ms['pad']:.2f} (pad) times the timed medians (above 1: the "
+            "profiler's own cost per call, and any drift between timed and profiled rounds)"]
+    if a.top:
+        out += ["", f"the {a.top} ops of the kinds that do not shrink that took pack the most "
+                "self CPU time, per profiled step:", "", *top_fixed_ops(r["ops"], a.top)]
     print("\n".join(out))
     if a.out:
         hw = hardware()

@@ -123,7 +123,10 @@ def test_pack_cost_split_times_the_study_cell_and_sorts_every_op(capsys, tmp_pat
     """scripts/pack_cost_split.py on the speed_packing study's smoke cell: pad's rows over the
     real tokens is the ideal, pack computes no more rows than pad and no fewer than the real
     tokens, each arm's ops are sorted into the named kinds with the GEMMs and SDPA calls found;
-    ``--out`` writes the table with its command and machine; a skew the study does not sweep, or no rounds, is refused with exit 2 before any work."""
+    each op's calls and self time sum to its arm's kinds, and pack (grouped attention) makes more
+    op calls than pad; ``--out`` writes the table, the calls and the top ops of the kinds that do
+    not shrink with its command and machine; a skew the study does not sweep, no rounds or a
+    negative ``--top`` is refused with exit 2 before any work."""
     from pathlib import Path
     from harness.studies import load_study
     script = _script("pack_cost_split")
@@ -142,17 +145,26 @@ def test_pack_cost_split_times_the_study_cell_and_sorts_every_op(capsys, tmp_pat
     for arm in ("pack", "pad"):
         assert set(r["kinds"][arm]) <= names
         assert r["kinds"][arm]["GEMM (Linear layers)"] > 0 and r["kinds"][arm]["attention (SDPA)"] > 0
+        assert sum(ms for _, ms in r["ops"][arm].values()) == pytest.approx(sum(r["kinds"][arm].values()))
+    # the grouped path makes pack's step more op calls than pad's
+    assert sum(n for n, _ in r["ops"]["pack"].values()) > sum(n for n, _ in r["ops"]["pad"].values())
+    rows = script.top_fixed_ops(r["ops"], 3)
+    assert len(rows) == 2 + 3 and all(any(k in row for k in script.FIXED) for row in rows[2:])
     out = tmp_path / "split" / "README.md"
     assert script.main(["--study", path, "--profile", "smoke", "--skew", "2", "--rounds", "1",
                         "--profiled", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "python scripts/pack_cost_split.py" in text and "torch " in text
-    assert "| all |" in text and "of the ideal" in text and text.strip().endswith("100% |")
+    assert "| all |" in text and "of the ideal" in text and "op calls per profiled step" in text
+    assert "| op | kind | pack calls |" in text  # --top's default: 8 ops listed
+    assert sum(line.startswith("| `") for line in text.splitlines()) == 8
     capsys.readouterr()
     assert script.main(["--study", path, "--profile", "smoke", "--skew", "3"]) == 2
     assert "its skews: [2.0]" in capsys.readouterr().err
     assert script.main(["--study", path, "--profile", "smoke", "--rounds", "0"]) == 2
     assert "--rounds must be >= 1" in capsys.readouterr().err
+    assert script.main(["--study", path, "--profile", "smoke", "--top", "-1"]) == 2
+    assert "--top must be >= 0" in capsys.readouterr().err
 
 
 def test_gpu_wheels_carries_only_what_the_device_lacks_and_refuses_bad_input(tmp_path):
