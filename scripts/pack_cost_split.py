@@ -57,17 +57,11 @@ def kind_of(name: str) -> str:
     return next((k for k, pat in KINDS if re.search(pat, name)), OTHER)
 
 
-def split(step) -> tuple[dict[str, float], dict[str, tuple[int, float]]]:
-    """One profiled ``step``: self CPU ms by kind of op, and each op's (calls, self CPU ms)."""
+def split(step) -> dict[str, tuple[int, float]]:
+    """One profiled ``step``: each op's (calls, self CPU ms)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    kinds: dict[str, float] = {}
-    ops: dict[str, tuple[int, float]] = {}
-    for e in prof.key_averages():
-        ms = e.self_cpu_time_total / 1e3
-        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + ms
-        ops[e.key] = (e.count, ms)
-    return kinds, ops
+    return {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()}
 
 
 def pack_cells(study) -> dict:
@@ -113,17 +107,17 @@ def profile_kinds(steps: dict, profiled: int) -> tuple[dict, dict]:
     """Per arm, mean self CPU ms per step by kind of op, and each op's mean (calls, self CPU
     ms) per step: one profiled step of each arm in turn (every other round reversed), so a
     slow spell or the profiler's own allocations fall on both arms alike."""
-    kinds: dict[str, dict[str, float]] = {name: {} for name in steps}
     ops: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in steps}
     names = list(steps)
     for r in range(profiled):
         for name in (names[::-1] if r % 2 else names):
-            by_kind, by_op = split(steps[name])
-            for k, ms in by_kind.items():
-                kinds[name][k] = kinds[name].get(k, 0.0) + ms / profiled
-            for k, (n, ms) in by_op.items():
+            for k, (n, ms) in split(steps[name]).items():
                 n0, ms0 = ops[name].get(k, (0.0, 0.0))
                 ops[name][k] = (n0 + n / profiled, ms0 + ms / profiled)
+    kinds: dict[str, dict[str, float]] = {name: {} for name in steps}
+    for name, by_op in ops.items():
+        for k, (_, ms) in by_op.items():
+            kinds[name][kind_of(k)] = kinds[name].get(kind_of(k), 0.0) + ms
     return kinds, ops
 
 

@@ -123,10 +123,10 @@ def test_pack_cost_split_times_the_study_cell_and_sorts_every_op(capsys, tmp_pat
     """scripts/pack_cost_split.py on the speed_packing study's smoke cell: pad's rows over the
     real tokens is the ideal, pack computes no more rows than pad and no fewer than the real
     tokens, each arm's ops are sorted into the named kinds with the GEMMs and SDPA calls found;
-    each op's calls and self time sum to its arm's kinds, and pack (grouped attention) makes more
-    op calls than pad; ``--out`` writes the table, the calls and the top ops of the kinds that do
-    not shrink with its command and machine; a skew the study does not sweep, no rounds or a
-    negative ``--top`` is refused with exit 2 before any work."""
+    pack (grouped attention) makes more op calls per step than pad; ``--out`` writes the table,
+    the calls and the top ops of the kinds that do not shrink, with its command and machine;
+    a skew the study does not sweep, no rounds or a negative ``--top`` is refused with exit 2
+    before any work."""
     from pathlib import Path
     from harness.studies import load_study
     script = _script("pack_cost_split")
@@ -145,7 +145,6 @@ def test_pack_cost_split_times_the_study_cell_and_sorts_every_op(capsys, tmp_pat
     for arm in ("pack", "pad"):
         assert set(r["kinds"][arm]) <= names
         assert r["kinds"][arm]["GEMM (Linear layers)"] > 0 and r["kinds"][arm]["attention (SDPA)"] > 0
-        assert sum(ms for _, ms in r["ops"][arm].values()) == pytest.approx(sum(r["kinds"][arm].values()))
     # the grouped path makes pack's step more op calls than pad's
     assert sum(n for n, _ in r["ops"]["pack"].values()) > sum(n for n, _ in r["ops"]["pad"].values())
     rows = script.top_fixed_ops(r["ops"], 3)
