@@ -38,7 +38,10 @@ from harness.metrics.speed import alternate, paired_ratios
 from harness.studies import cell_task_options, load_study, resolve_trial
 from harness.tasks.benchmark import ab_steps, build_reference, data_batch
 
-# (kind, pattern on the op's name): the first match wins; the rest is "calls, views, autograd"
+# the kinds whose time does not shrink with the rows a step computes (FIXED below)
+GATHER, OPTIMISER, OTHER = ("gather, scatter, embeddings", "optimiser (AdamW)",
+                            "calls, views, autograd")
+# (kind, pattern on the op's name): the first match wins; the rest is OTHER
 KINDS = [
     ("GEMM (Linear layers)", r"^aten::(mm|addmm|bmm|baddbmm)$"),
     ("attention (SDPA)", r"scaled_dot_product|flash_attention"),
@@ -46,11 +49,11 @@ KINDS = [
      r"native_layer_norm_backward|add|add_|mul|mul_|sub|div|pow|sum|mean|copy_|cat|fill_|"
      r"zero_|clone|where|mse_loss|mse_loss_backward|sqrt|neg|softmax|_softmax|"
      r"_softmax_backward_data|stack|masked_fill|ones_like|zeros_like)$"),
-    ("gather, scatter, embeddings", r"^aten::(index_select|index|index_add_|scatter_add_|"
+    (GATHER, r"^aten::(index_select|index|index_add_|scatter_add_|"
      r"scatter_|gather|embedding|embedding_dense_backward|unfold|take)$"),
-    ("optimiser (AdamW)", r"adamw|Optimizer"),
+    (OPTIMISER, r"adamw|Optimizer"),
 ]
-OTHER = "calls, views, autograd"
+FIXED = (GATHER, OPTIMISER, OTHER)
 
 
 def kind_of(name: str) -> str:
@@ -117,11 +120,9 @@ def profile_kinds(steps: dict, profiled: int) -> tuple[dict, dict]:
     kinds: dict[str, dict[str, float]] = {name: {} for name in steps}
     for name, by_op in ops.items():
         for k, (_, ms) in by_op.items():
-            kinds[name][kind_of(k)] = kinds[name].get(kind_of(k), 0.0) + ms
+            kind = kind_of(k)
+            kinds[name][kind] = kinds[name].get(kind, 0.0) + ms
     return kinds, ops
-
-
-FIXED = ("gather, scatter, embeddings", "optimiser (AdamW)", OTHER)  # kinds that do not shrink
 
 
 def top_fixed_ops(ops: dict[str, dict[str, tuple[float, float]]], top: int) -> list[str]:
