@@ -10,9 +10,10 @@ study's in-trial reference), and then:
 
 1. times their train steps alternately (the warm-up, heap settling and rounds of the
    study's ``reference_ab``): pad step / pack step is the study's ``train_speedup_vs_reference``;
-2. profiles a few steps of each, one of each arm in turn, and splits the self CPU time by
-   kind of op; it counts each arm's op calls per step and lists the ops of the kinds that do
-   not shrink with rows (calls and views, autograd, gathers, AdamW) that cost pack the most.
+2. profiles a few steps of each, one of each arm in turn, takes each op's median over them
+   and splits the self CPU time by kind of op; it counts each arm's op calls per step and
+   lists the ops of the kinds that do not shrink with rows (calls and views, autograd,
+   gathers, AdamW) that cost pack the most.
 
 The ideal speedup is pad's rows over the images' real tokens.  Pack computes rows too: its
 packs, each as long as the fullest one, padding included.  So a pack step whose cost followed
@@ -107,16 +108,20 @@ def measure(study, skew: float, seed: int, rounds: int, profiled: int) -> dict:
 
 
 def profile_kinds(steps: dict, profiled: int) -> tuple[dict, dict]:
-    """Per arm, mean self CPU ms per step by kind of op, and each op's mean (calls, self CPU
-    ms) per step: one profiled step of each arm in turn (every other round reversed), so a
-    slow spell or the profiler's own allocations fall on both arms alike."""
-    ops: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in steps}
+    """Per arm, each op's median (calls, self CPU ms) over the profiled steps (0 in a step
+    without it), and those summed by kind of op: one profiled step of each arm in turn (every
+    other round reversed), so a slow spell or the profiler's own allocations fall on both arms
+    alike, and the median keeps one stalled step out (with a mean of four, pad's AdamW once
+    read 22.9 ms a step, where it took 1.4-1.6 ms in the two runs before)."""
+    per_step: dict[str, list[dict]] = {name: [] for name in steps}
     names = list(steps)
     for r in range(profiled):
         for name in (names[::-1] if r % 2 else names):
-            for k, (n, ms) in split(steps[name]).items():
-                n0, ms0 = ops[name].get(k, (0.0, 0.0))
-                ops[name][k] = (n0 + n / profiled, ms0 + ms / profiled)
+            per_step[name].append(split(steps[name]))
+    ops = {name: {k: tuple(statistics.median(s.get(k, (0, 0.0))[i] for s in profiles)
+                           for i in (0, 1))
+                  for k in set().union(*profiles)}
+           for name, profiles in per_step.items()}
     kinds: dict[str, dict[str, float]] = {name: {} for name in steps}
     for name, by_op in ops.items():
         for k, (_, ms) in by_op.items():
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
            f"{ideal:.3f} = {r['speedup'] / ideal:.1%} of it",
            f"if pack's cost followed its rows: {rows['pad'] / rows['pack']:.3f} "
            f"= {real / rows['pack']:.1%} of the ideal (pack's own padding is the rest)", "",
-           f"self CPU time per train step, mean of {a.profiled} profiled steps each, alternated "
+           f"self CPU time per train step, median of {a.profiled} profiled steps each, alternated "
            f"(row ratio pad / pack = {rows['pad'] / rows['pack']:.2f}):", "",
            "| kind of op | pack ms | pad ms | pad / pack | share of pack's step |",
            "|---|---|---|---|---|"]

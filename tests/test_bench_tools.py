@@ -119,6 +119,34 @@ def test_pack_flop_ceiling_counts_flex_blocks_and_padded_attention_exactly():
     assert r["blocks"][64]["mac_ratio"] == pytest.approx(1.0)
 
 
+def test_pack_cost_split_takes_each_ops_median_over_the_profiled_steps():
+    """One stalled step does not move the split: an op that ran in one of four profiled steps
+    reads 0 calls and 0 ms (a mean would give it a quarter of that step), an op every step
+    runs reads its calls per step, and the kinds sum those medians."""
+    import torch
+    script = _script("pack_cost_split")
+    a, b = torch.ones(64, 64), torch.ones(4096)
+    runs = {"pack": 0}
+
+    def pack():
+        runs["pack"] += 1
+        torch.mm(a, a)
+        if runs["pack"] == 2:
+            torch.cumsum(b, 0)  # the one step with an extra op
+
+    def pad():
+        torch.mm(a, a)
+        torch.mm(a, a)
+
+    kinds, ops = script.profile_kinds({"pack": pack, "pad": pad}, 4)
+    assert runs["pack"] == 4
+    assert ops["pack"]["aten::mm"][0] == 1 and ops["pad"]["aten::mm"][0] == 2
+    assert ops["pack"]["aten::cumsum"] == (0, 0.0) and "aten::cumsum" not in ops["pad"]
+    for arm in ("pack", "pad"):
+        assert kinds[arm]["GEMM (Linear layers)"] == pytest.approx(ops[arm]["aten::mm"][1])
+        assert kinds[arm]["GEMM (Linear layers)"] > 0
+
+
 def test_pack_cost_split_times_the_study_cell_and_sorts_every_op(capsys, tmp_path):
     """scripts/pack_cost_split.py on the speed_packing study's smoke cell: pad's rows over the
     real tokens is the ideal, pack computes no more rows than pad and no fewer than the real
