@@ -118,8 +118,7 @@ def profile_kinds(steps: dict, profiled: int) -> tuple[dict, dict]:
     for r in range(profiled):
         for name in (names[::-1] if r % 2 else names):
             per_step[name].append(split(steps[name]))
-    ops = {name: {k: tuple(statistics.median(s.get(k, (0, 0.0))[i] for s in profiles)
-                           for i in (0, 1))
+    ops = {name: {k: tuple(map(statistics.median, zip(*(s.get(k, (0, 0.0)) for s in profiles))))
                   for k in set().union(*profiles)}
            for name, profiles in per_step.items()}
     kinds: dict[str, dict[str, float]] = {name: {} for name in steps}
