@@ -1,0 +1,58 @@
+"""Where does a ViViT training step spend its time, ours against vit-pytorch's? (CPU diagnostic)
+
+Builds the pair exactly as ``python -m harness.bench_peer`` does (its defaults: ViViT-S width,
+16 frames of 64x64, batch 8, parameter counts matched), runs ``--warmup`` untimed training steps
+of each, then profiles ``--steps`` more with ``torch.profiler`` and prints the ops by self time.
+Divide a row's time and calls by ``--steps`` for one step.  One profile moves by tens of ms
+between runs: read it for where the time goes, and the bench for which side is faster.
+
+    python scripts/profile_peer_step.py --model 3 --steps 3
+"""
+import harness  # noqa: F401  (before torch)
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from harness import bench_peer
+from harness.metrics import cpu_malloc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="profile_peer_step", description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=int, default=3, help="ViViT model: 2 or 3")
+    p.add_argument("--steps", type=int, default=3, help="profiled training steps per side")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before them")
+    p.add_argument("--top", type=int, default=25, help="rows of the table")
+    args = p.parse_args(argv)
+    for name, low in (("--steps", 1), ("--warmup", 0), ("--top", 1)):
+        if getattr(args, name[2:]) < low:
+            p.error(f"{name} must be >= {low}, got {getattr(args, name[2:])}")
+    if args.model not in (2, 3):
+        p.error(f"--model must be 2 or 3, got {args.model}")
+    b = bench_peer.parser().parse_args([])  # the bench's own defaults
+    cpu_malloc.tune()  # as the bench does, for both sides
+    dev = torch.device("cpu")
+    ours, theirs, _ = bench_peer.vivit_pair(
+        args.model, frames=b.frames, image=b.image_size, tubelet=tuple(b.tubelet), dim=b.dim,
+        heads=b.heads, depth=b.depth, temporal_depth=b.temporal_depth, classes=b.classes,
+        device=dev)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b.batch_size, 3, b.frames, b.image_size, b.image_size, generator=gen)
+    labels = torch.randint(0, b.classes, (b.batch_size,), generator=gen)
+    for name, model in (("ours", ours), ("theirs", theirs)):
+        step = bench_peer.make_step(model, (x,), labels, True)
+        for _ in range(args.warmup):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step()
+        print(f"===== {name}: ViViT Model {args.model}, {args.steps} training steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top,
+                                        max_name_column_width=50))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
