@@ -142,6 +142,24 @@ def vivit_pair(model: int, *, frames: int, image: int, tubelet: tuple[int, int, 
     return ours, theirs.to(device), {"ours": ours_cfg, "theirs_variant": theirs.variant}
 
 
+def vivit_case(model: int, args, device: torch.device, gen: torch.Generator):
+    """(ours, theirs, config, clips): the ViViT pair at the bench's arguments (``args``, as
+    ``parser()`` gives them) and a batch of random clips drawn from ``gen``."""
+    ours, theirs, cfg = vivit_pair(model, frames=args.frames, image=args.image_size,
+                                   tubelet=tuple(args.tubelet), dim=args.dim, heads=args.heads,
+                                   depth=args.depth, temporal_depth=args.temporal_depth,
+                                   classes=args.classes, device=device)
+    x = torch.randn(args.batch_size, 3, args.frames, args.image_size, args.image_size,
+                    generator=gen).to(device)
+    return ours, theirs, cfg, x
+
+
+def step_labels(classes: int, batch: int, device: torch.device) -> torch.Tensor:
+    """The class labels every timed training step uses (the same for both arms)."""
+    return torch.randint(0, classes, (batch,),
+                         generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def match_vivit(theirs: nn.Module, model: int, nt: int, ns: int, dim: int) -> None:
     """Make vit-pytorch's ViViT the design ours is, in place (how is part of the report):
     - no LayerNorms around the patch projection (ours: the tubelet Conv3d alone);
@@ -261,7 +279,7 @@ def compare(label: str, ours: nn.Module, theirs: nn.Module, inputs: tuple, batch
         from .errors import ConfigError
         raise ConfigError(f"{label}: parameter counts differ (ours {po:,}, theirs {pt:,}): "
                           "the configurations are not identical")
-    labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
+    labels = step_labels(classes, batch, device)
     row = {"model": label, "params": po, "batch_size": batch, "config": config}
     for mode in ("train", "infer"):
         faults: dict = {}
@@ -364,13 +382,7 @@ def run_peer(args) -> dict:
     for m in wanted:
         if m in ("m2", "m3"):
             model = int(m[1])
-            ours, theirs, cfg = vivit_pair(model, frames=args.frames, image=args.image_size,
-                                           tubelet=tuple(args.tubelet), dim=args.dim,
-                                           heads=args.heads, depth=args.depth,
-                                           temporal_depth=args.temporal_depth,
-                                           classes=args.classes, device=device)
-            x = torch.randn(args.batch_size, 3, args.frames, args.image_size, args.image_size,
-                            generator=gen).to(device)
+            ours, theirs, cfg, x = vivit_case(model, args, device, gen)
             rows.append(compare(f"ViViT Model {model}", ours, theirs, (x,), args.batch_size,
                                 args.classes, args, device, cfg))
         elif m == "navit":

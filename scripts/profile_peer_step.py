@@ -26,21 +26,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before them")
     p.add_argument("--top", type=int, default=25, help="rows of the table")
     args = p.parse_args(argv)
-    for name, low in (("--steps", 1), ("--warmup", 0), ("--top", 1)):
-        if getattr(args, name[2:]) < low:
-            p.error(f"{name} must be >= {low}, got {getattr(args, name[2:])}")
+    for name, low in (("steps", 1), ("warmup", 0), ("top", 1)):
+        if (value := getattr(args, name)) < low:
+            p.error(f"--{name} must be >= {low}, got {value}")
     if args.model not in (2, 3):
         p.error(f"--model must be 2 or 3, got {args.model}")
     b = bench_peer.parser().parse_args([])  # the bench's own defaults
     cpu_malloc.tune()  # as the bench does, for both sides
     dev = torch.device("cpu")
-    ours, theirs, _ = bench_peer.vivit_pair(
-        args.model, frames=b.frames, image=b.image_size, tubelet=tuple(b.tubelet), dim=b.dim,
-        heads=b.heads, depth=b.depth, temporal_depth=b.temporal_depth, classes=b.classes,
-        device=dev)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(b.batch_size, 3, b.frames, b.image_size, b.image_size, generator=gen)
-    labels = torch.randint(0, b.classes, (b.batch_size,), generator=gen)
+    gen = torch.Generator().manual_seed(0)  # as the bench draws its clips
+    ours, theirs, _, x = bench_peer.vivit_case(args.model, b, dev, gen)
+    labels = bench_peer.step_labels(b.classes, b.batch_size, dev)
     for name, model in (("ours", ours), ("theirs", theirs)):
         step = bench_peer.make_step(model, (x,), labels, True)
         for _ in range(args.warmup):

@@ -73,6 +73,16 @@ def roundings(value: float, spec: str, rel: float) -> set[str]:
     return {format(value * (1 + e), spec) for e in (-rel, 0.0, rel)}
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(*args: str) -> int:
     return cli.main([str(a) for a in args])
 

@@ -10,7 +10,7 @@ import pytest
 from harness import bench_packing, bench_peer, processes
 from harness.tracking import git_sha
 
-from .conftest import needs_compile
+from .conftest import load_script, needs_compile
 
 
 def test_packing_benchmark_report_states_ideal_peak_and_hardware(tmp_path, capsys):
@@ -87,16 +87,6 @@ def test_packing_benchmark_compiles_every_arms_blocks_on_request(tmp_path):
     assert "blocks eager" in bench_packing.render_report({**r, "compile_blocks": False})
 
 
-def _script(name: str):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pack_flop_ceiling_counts_flex_blocks_and_padded_attention_exactly():
     """scripts/pack_flop_ceiling.py on four 32x32 images (64 tokens each, patch 4): pad runs
     4 rows of 64; pack runs 2 rows of 128 slots, two images each. At block 128 each row is one
@@ -104,7 +94,7 @@ def test_pack_flop_ceiling_counts_flex_blocks_and_padded_attention_exactly():
     exactly the images', so the counts equal the block-diagonal work."""
     import torch
     from harness import registry
-    script = _script("pack_flop_ceiling")
+    script = load_script("pack_flop_ceiling")
     cfg = {"input_size": 32, "max_seq_len": 128, "max_grid": 8, "patch_size": 4, "in_channels": 1,
            "num_classes": 10, "depth": 1, "batching": "pack"}
     model, _ = registry.build("navit-ti", cfg, device="cpu", seed=0)
@@ -124,7 +114,7 @@ def test_pack_cost_split_takes_each_ops_median_over_the_profiled_steps():
     reads 0 calls and 0 ms (a mean would give it a quarter of that step), an op every step
     runs reads its calls per step, and the kinds sum those medians."""
     import torch
-    script = _script("pack_cost_split")
+    script = load_script("pack_cost_split")
     a, b = torch.ones(64, 64), torch.ones(4096)
     runs = {"pack": 0}
 
@@ -157,7 +147,7 @@ def test_pack_cost_split_times_the_study_cell_and_sorts_every_op(capsys, tmp_pat
     before any work."""
     from pathlib import Path
     from harness.studies import load_study
-    script = _script("pack_cost_split")
+    script = load_script("pack_cost_split")
     assert script.kind_of("aten::addmm") == "GEMM (Linear layers)"
     assert script.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention (SDPA)"
     assert script.kind_of("aten::_fused_adamw_") == "optimiser (AdamW)"

@@ -15,7 +15,7 @@ from harness.metrics.speed import SpeedOptions, measure_speed
 from harness.studies import load_study
 from harness.tasks.base import Budget, TrialContext, get_task
 
-from .conftest import needs_compile, roundings, run_cli
+from .conftest import load_script, needs_compile, roundings, run_cli
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 SPEED_STUDIES = ["speed_dit.yaml", "speed_vivit.yaml", "speed_packing.yaml", "speed_paths.yaml"]
@@ -458,16 +458,6 @@ def test_packing_study_reports_the_in_trial_ratio_beside_the_across_trial_one(tm
     assert "loss_curves.png" not in (out / "report.html").read_text()
 
 
-def _profile_peer_script():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_peer_step.py"
-    spec = importlib.util.spec_from_file_location("profile_peer_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("argv, says", [(["--model", "1"], "--model must be 2 or 3, got 1"),
                                         (["--steps", "0"], "--steps must be >= 1, got 0"),
                                         (["--warmup", "-1"], "--warmup must be >= 0, got -1")])
@@ -475,7 +465,7 @@ def test_profile_peer_step_refuses_bad_input_before_building(argv, says, capsys)
     """scripts/profile_peer_step.py: a bad model or count stops with exit 2 before either
     model is built or a step profiled."""
     with pytest.raises(SystemExit) as e:
-        _profile_peer_script().main(argv)
+        load_script("profile_peer_step").main(argv)
     out = capsys.readouterr()
     assert e.value.code == 2 and says in out.err and "=====" not in out.out
 
@@ -485,7 +475,7 @@ def test_profile_peer_step_profiles_both_sides_of_the_bench_pair(bp, capsys):
     builds them: each side's table names its GEMMs; the peer's attention is fused SDPA, ours
     takes this CPU's default path (batched matmuls on AMD, SDPA on Intel)."""
     from harness.metrics import cpu_attention
-    assert _profile_peer_script().main(["--model", "3", "--steps", "1", "--warmup", "0",
+    assert load_script("profile_peer_step").main(["--model", "3", "--steps", "1", "--warmup", "0",
                                         "--top", "40"]) == 0
     out = capsys.readouterr().out
     ours, theirs = out.split("===== theirs: ViViT Model 3, 1 training steps")
