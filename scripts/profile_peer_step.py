@@ -13,10 +13,10 @@ import argparse
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from harness import bench_peer
 from harness.metrics import cpu_malloc
+from harness.metrics.speed import profiled
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         step = bench_peer.make_step(model, (x,), labels, True)
         for _ in range(args.warmup):
             step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profiled(dev) as prof:  # without Kineto's start / stop lines on stderr
             for _ in range(args.steps):
                 step()
         print(f"===== {name}: ViViT Model {args.model}, {args.steps} training steps")

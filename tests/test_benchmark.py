@@ -475,8 +475,8 @@ def test_profile_peer_step_profiles_both_sides_of_the_bench_pair(bp, capsys):
     builds them: each side's table names its GEMMs; the peer's attention is fused SDPA, ours
     takes this CPU's default path (batched matmuls on AMD, SDPA on Intel)."""
     from harness.metrics import cpu_attention
-    assert load_script("profile_peer_step").main(["--model", "3", "--steps", "1", "--warmup", "0",
-                                        "--top", "40"]) == 0
+    argv = ["--model", "3", "--steps", "1", "--warmup", "0", "--top", "40"]
+    assert load_script("profile_peer_step").main(argv) == 0
     out = capsys.readouterr().out
     ours, theirs = out.split("===== theirs: ViViT Model 3, 1 training steps")
     assert ours.startswith("===== ours: ViViT Model 3, 1 training steps")
