@@ -28,13 +28,12 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from harness import registry
 from harness.bench_peer import hardware, software_detail
 from harness.data.base import build_dataset
 from harness.errors import HarnessError, check_counts
-from harness.metrics import cpu_malloc
+from harness.metrics import cpu_malloc, speed
 from harness.metrics.speed import alternate, paired_ratios
 from harness.studies import cell_task_options, load_study, resolve_trial
 from harness.tasks.benchmark import ab_steps, build_reference, data_batch
@@ -62,8 +61,9 @@ def kind_of(name: str) -> str:
 
 
 def split(step) -> dict[str, tuple[int, float]]:
-    """One profiled ``step``: each op's (calls, self CPU ms)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    """One profiled ``step``: each op's (calls, self CPU ms), profiled as the bench profiles
+    (``speed.profiled``, which keeps Kineto's start / stop lines off stderr)."""
+    with speed.profiled(torch.device("cpu")) as prof:
         step()
     return {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()}
 

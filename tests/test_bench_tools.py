@@ -109,10 +109,11 @@ def test_pack_flop_ceiling_counts_flex_blocks_and_padded_attention_exactly():
     assert r["blocks"][64]["mac_ratio"] == pytest.approx(1.0)
 
 
-def test_pack_cost_split_takes_each_ops_median_over_the_profiled_steps():
+def test_pack_cost_split_takes_each_ops_median_over_the_profiled_steps(capfd):
     """One stalled step does not move the split: an op that ran in one of four profiled steps
     reads 0 calls and 0 ms (a mean would give it a quarter of that step), an op every step
-    runs reads its calls per step, and the kinds sum those medians."""
+    runs reads its calls per step, and the kinds sum those medians.  Its eight profiler starts
+    and stops print none of Kineto's lines to stderr (it profiles through speed.profiled)."""
     import torch
     script = load_script("pack_cost_split")
     a, b = torch.ones(64, 64), torch.ones(4096)
@@ -128,7 +129,10 @@ def test_pack_cost_split_takes_each_ops_median_over_the_profiled_steps():
         torch.mm(a, a)
         torch.mm(a, a)
 
+    capfd.readouterr()
     kinds, ops = script.profile_kinds({"pack": pack, "pad": pad}, 4)
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "profiler_stop" not in err and "USDT" not in err
     assert runs["pack"] == 4
     assert ops["pack"]["aten::mm"][0] == 1 and ops["pad"]["aten::mm"][0] == 2
     assert ops["pack"]["aten::cumsum"] == (0, 0.0) and "aten::cumsum" not in ops["pad"]
