@@ -15,6 +15,7 @@ import sys
 import torch
 
 from harness import bench_peer
+from harness.errors import HarnessError, check_counts
 from harness.metrics import cpu_malloc
 from harness.metrics.speed import profiled
 
@@ -26,9 +27,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before them")
     p.add_argument("--top", type=int, default=25, help="rows of the table")
     args = p.parse_args(argv)
-    for name, low in (("steps", 1), ("warmup", 0), ("top", 1)):
-        if (value := getattr(args, name)) < low:
-            p.error(f"--{name} must be >= {low}, got {value}")
+    try:
+        check_counts(("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                     ("--top", args.top, 1))
+    except HarnessError as e:
+        p.error(str(e))
     if args.model not in (2, 3):
         p.error(f"--model must be 2 or 3, got {args.model}")
     b = bench_peer.parser().parse_args([])  # the bench's own defaults
