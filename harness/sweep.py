@@ -39,6 +39,7 @@ from .tracking import (RUN_STATUS, Tracker, default_tracking_uri, environment_ta
 
 HEARTBEAT_S = 10      # a running trial's worker writes a heartbeat this often (seconds)
 GRACE_FACTOR = 4      # ... and is declared dead after GRACE_FACTOR missed heartbeats
+POLL_S = 1.0          # a worker waiting on other workers' trials looks this often if they ended
 MAX_RETRIES = 3       # a grid point whose worker died this many times is given up (and reported)
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 
@@ -186,8 +187,7 @@ class Runner:
         """RUNNING trials of a dead process on this host: failed now, not after the grace period."""
         from optuna.trial import TrialState
         for t in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("host") == self.host and t.user_attrs.get("pid") not in (None, self.pid) \
-                    and not pid_alive(int(t.user_attrs["pid"])):
+            if self.died_here(t):
                 reason = f"worker process {t.user_attrs['pid']} on {self.host} died mid-trial"
                 try:
                     self.storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
@@ -328,22 +328,43 @@ class Runner:
 
         Returns True when work reappeared (a dead worker's trial was re-queued), False
         when every grid point is done."""
-        from optuna.trial import TrialState
         announced = False
         while True:
             self.sync_grid()  # fails stale / dead trials, re-queues their points
             if self.waiting():
                 return True
-            grid = set(self.grid())
-            running = [t for t in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                       if self.point_of(t) in grid]
+            running = self.running_elsewhere()
             if not running:
                 return False
             if not announced:
                 print(f"waiting for {len(running)} trial(s) running in other workers "
                       f"(re-run here if their worker dies)", flush=True)
                 announced = True
-            time.sleep(self.heartbeat)
+            # The full sync above (stale heartbeats, dead processes, parent runs) runs once a
+            # heartbeat; in between, a cheap look every POLL_S whether a straggler ended or its
+            # process on this host died, so the grid's last trial does not leave every other
+            # worker waiting out its heartbeat (10 s by default) before it exits.
+            ids = {t.number for t in running}
+            until = time.monotonic() + self.heartbeat
+            while (left := until - time.monotonic()) > 0:
+                time.sleep(min(POLL_S, left))
+                self.check_interrupt()
+                now = self.running_elsewhere()
+                if {t.number for t in now} != ids or any(self.died_here(t) for t in now):
+                    break
+
+    def running_elsewhere(self) -> list:
+        """RUNNING trials of this study's grid (other workers': this one is between trials)."""
+        from optuna.trial import TrialState
+        grid = set(self.grid())
+        return [t for t in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if self.point_of(t) in grid]
+
+    def died_here(self, trial) -> bool:
+        """The trial's worker was a process on this host that is gone."""
+        pid = trial.user_attrs.get("pid")
+        return trial.user_attrs.get("host") == self.host and pid not in (None, self.pid) \
+            and not pid_alive(int(pid))
 
     # ------------------------------------------------------------ a trial
     def objective(self, trial):

@@ -4,6 +4,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -139,6 +140,32 @@ def test_killed_run_completes_only_missing_cells(shared_runs):
     assert "RUNNING" not in set(runs["status"]), runs[["status", "tags.harness.kind"]]
     killed_run = runs[runs["run_id"] == killed[0].user_attrs["mlflow_run_id"]].iloc[0]
     assert killed_run["status"] == "KILLED" and "died" in killed_run["tags.fail_reason"]
+
+
+def test_a_waiting_worker_leaves_once_the_last_straggler_ends_not_a_heartbeat_later(shared_runs):
+    """Nothing left to queue: a worker waits while other workers run the grid's last trials
+    (to re-run them if their worker dies). It looks every POLL_S seconds whether they ended, so
+    even with a 600 s heartbeat it returns within seconds of the last one's end."""
+    from harness.sweep import POLL_S, Runner, prepare
+    p = write_study(shared_runs / "straggle.yaml", name="straggle", sweep="  patch_size: [4]",
+                    repeats=1)
+    study, storage, tracking, runs, dev = prepare(p, None, None, None, shared_runs, None)
+    runner = Runner(study, storage, tracking, runs, dev, quiet=True, heartbeat=600)
+    runner.open()
+    runner.sync_grid()
+    other = optuna.load_study(study_name="straggle", storage=storage)
+    trial = other.ask()  # another worker takes the grid's one point
+    assert runner.waiting() == 0 and [t.state for t in other.trials] == [TrialState.RUNNING]
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(work=runner.wait_for_stragglers()),
+                              daemon=True)
+    waiter.start()
+    time.sleep(3 * POLL_S)
+    assert waiter.is_alive() and not result, "stopped waiting while a trial was still running"
+    other.tell(trial, 0.5)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive(), "the worker waited out its heartbeat after the last trial ended"
+    assert result == {"work": False}  # every grid point done: nothing reappeared
 
 
 @dataclass
