@@ -59,16 +59,17 @@ def pg_counts(url):
     return out
 
 
-@pytest.fixture
-def tracking_server(pg_server, tmp_path):
-    """A real `mlflow server` with a PostgreSQL backend store."""
+@pytest.fixture(scope="module")
+def tracking_server(pg_server, tmp_path_factory):
+    """A real `mlflow server` with a PostgreSQL backend store, shared by the module's tests
+    (each names its own experiment; starting the server takes seconds)."""
     name = f"harness_mlflow_{uuid.uuid4().hex[:10]}"
     con = _admin()
     con.cursor().execute(f'create database "{name}"')
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{pg_server}/{name}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+         "--artifacts-destination", str(tmp_path_factory.mktemp("artifacts")), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
