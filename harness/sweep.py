@@ -357,8 +357,8 @@ class Runner:
         """RUNNING trials of this study's grid (other workers': this one is between trials)."""
         from optuna.trial import TrialState
         grid = set(self.grid())
-        return [t for t in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if self.point_of(t) in grid]
+        running = self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [t for t in running if self.point_of(t) in grid]
 
     def died_here(self, trial) -> bool:
         """The trial's worker was a process on this host that is gone."""

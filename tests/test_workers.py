@@ -69,8 +69,9 @@ def tracking_server(pg_server, tmp_path_factory):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{pg_server}/{name}",
-         "--artifacts-destination", str(tmp_path_factory.mktemp("artifacts")), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--artifacts-destination", str(tmp_path_factory.mktemp("artifacts")),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
