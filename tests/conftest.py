@@ -27,6 +27,16 @@ needs_compile = pytest.mark.skipif(not cpu_compile_available(),
                                    reason="torch.compile cannot build CPU kernels here")
 
 
+@pytest.fixture
+def graphs_only(monkeypatch):
+    """``speed.compiled`` on the ``aot_eager`` backend, for tests that count dynamo's graphs,
+    guards and breaks: dynamo hands the backend the same graphs whichever it is, and inductor
+    takes 6-8 s per graph on the 2-core CPU to generate and build its kernels.  The tests that
+    compare compiled numbers with eager ones keep inductor."""
+    from harness.metrics import speed
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Every test starts on one thread, whatever an earlier test (or CLI --threads) set."""

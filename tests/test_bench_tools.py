@@ -75,7 +75,7 @@ def test_packing_benchmark_bf16_runs_both_arms_under_autocast_and_says_so(tmp_pa
 
 
 @needs_compile
-def test_packing_benchmark_compiles_every_arms_blocks_on_request(tmp_path):
+def test_packing_benchmark_compiles_every_arms_blocks_on_request(tmp_path, graphs_only):
     out = tmp_path / "compiled" / "README.md"
     assert bench_packing.main(["--depth", "1", "--batch-size", "8", "--max-size", "32",
                                "--warmup", "0", "--steps", "1", "--settle", "0",

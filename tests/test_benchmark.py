@@ -234,7 +234,7 @@ def test_channels_last_keeps_the_numbers_of_a_conv_model():
 
 
 @needs_compile
-def test_compiled_speed_runs_a_static_full_graph_per_batch():
+def test_compiled_speed_runs_a_static_full_graph_per_batch(graphs_only):
     """``compile=true`` times the model as one graph (a break would be an error, not a
     quietly eager frame), static per batch size: the second batch gets its own graph, not a
     symbolic one that depends on which trial ran first in the process."""
@@ -249,6 +249,23 @@ def test_compiled_speed_runs_a_static_full_graph_per_batch():
     assert not counters["graph_break"]
     # a graph per batch; symbolic sizes would have served 3 and 4 with one graph (2 in all)
     assert counters["stats"]["unique_graphs"] == 3
+
+
+@needs_compile
+def test_compiled_dit_gives_eager_outputs_through_inductor():
+    """The timed compile's own backend (inductor: generated CPU kernels, not only dynamo's
+    graph) runs DiT as one full graph and gives eager's outputs to rounding."""
+    from harness.metrics.speed import COMPILE_BACKEND, compiled
+    torch._dynamo.reset()
+    model, _ = registry.build("dit-s/2", TINY_DIT, seed=0)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, model.cfg.in_channels, 8, 8, generator=g)
+    t, y = torch.tensor([3, 700]), torch.tensor([1, 7])
+    with torch.no_grad():
+        assert COMPILE_BACKEND == "inductor"
+        torch.testing.assert_close(compiled(model, dynamic=False)(x, t, y), model(x, t, y),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def sdpa_ops_under(backend: str) -> set[str]:

@@ -348,7 +348,7 @@ def test_compiled_blocks_match_eager_and_compile_without_graph_breaks():
 
 @needs_compile
 @pytest.mark.parametrize("impl", ["dense_mask", "flex"])
-def test_compiled_blocks_recompile_per_shape_not_per_block(impl):
+def test_compiled_blocks_recompile_per_shape_not_per_block(impl, graphs_only):
     """Batches with other numbers of packs: the first shape's graph, one for a single pack
     (dynamo specialises size 1), then one dynamic graph for every other count, each serving
     every block.  The packs' rows enter the blocks as a view of the gathered tokens; without

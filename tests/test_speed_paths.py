@@ -696,7 +696,7 @@ def test_cpu_attention_default_env_override_and_cli_check(tmp_path):
 
 
 @needs_compile
-def test_timed_compiled_paths_run_compiled_or_fail_never_eager():
+def test_timed_compiled_paths_run_compiled_or_fail_never_eager(graphs_only):
     """``speed.compiled``: a study's trials share one process and dynamo's cache of graphs per
     code object (8 by default), which the packing study's compiled blocks outgrew after five
     trials and then ran eager with only a log line.  Twelve graphs of one function now all

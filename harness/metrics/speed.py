@@ -455,6 +455,10 @@ def check_compile_supported(setting: str, unset: str, device: str | None = None)
 # keys its cache on the code object, so every arm, grad mode and shape adds to one count
 RECOMPILE_LIMIT = 64
 
+# the backend of every timed compile; the tests that only count dynamo's graphs and breaks
+# (the backend's input, alike under any backend) set "aot_eager" to skip inductor's codegen
+COMPILE_BACKEND = "inductor"
+
 
 def compiled(fn, dynamic: bool | None = None):
     """``torch.compile(fn)`` for a timed path, which runs compiled or fails, never falls back
@@ -468,7 +472,7 @@ def compiled(fn, dynamic: bool | None = None):
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=COMPILE_BACKEND)
 
 
 class DispatchCount(TorchDispatchMode):
