@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 import warnings
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,11 @@ class Runner:
     def grid(self) -> list[tuple]:
         return [(c, s, k) for c, s in self.study.grid_points() for k in range(self.study.search_trials)]
 
+    @cached_property
+    def grid_set(self) -> frozenset:
+        """The grid's points, for membership tests (made once: the runner's study is fixed)."""
+        return frozenset(self.grid())
+
     def fail_dead_local_trials(self) -> None:
         """RUNNING trials of a dead process on this host: failed now, not after the grace period."""
         from optuna.trial import TrialState
@@ -243,8 +249,7 @@ class Runner:
             if self.study.search_trials > 1:
                 params["slot"] = slot
             self.optuna_study.enqueue_trial(params)
-        grid = set(self.grid())
-        return len(done & grid), len(pending & grid)
+        return len(done & self.grid_set), len(pending & self.grid_set)
 
     def waiting(self) -> int:
         from optuna.trial import TrialState
@@ -356,9 +361,8 @@ class Runner:
     def running_elsewhere(self) -> list:
         """RUNNING trials of this study's grid (other workers': this one is between trials)."""
         from optuna.trial import TrialState
-        grid = set(self.grid())
         running = self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return [t for t in running if self.point_of(t) in grid]
+        return [t for t in running if self.point_of(t) in self.grid_set]
 
     def died_here(self, trial) -> bool:
         """The trial's worker was a process on this host that is gone."""
