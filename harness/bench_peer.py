@@ -790,7 +790,9 @@ def render_summary(records: list[tuple[str, dict]], command: str) -> str:
              "|---|---|---|---:|---|---:|---|---:|---|"]
     for path, r in records:
         hw = r.get("hardware", {})
-        machine = hw.get("cpu", "?") + (f", {hw['gpu']}" if hw.get("gpu") else "")
+        # the instruction set torch runs: one CPU model can be lent with AVX-512 or without it
+        isa = f" ({hw['cpu_capability']})" if hw.get("cpu_capability") else ""
+        machine = hw.get("cpu", "?") + isa + (f", {hw['gpu']}" if hw.get("gpu") else "")
         n = r.get("processes", 1)
         for row in r["rows"]:
             lines.append(f"| `{path}` | {machine} | `{hw.get('git_sha', '?')[:7]}` | {n} | "

@@ -574,6 +574,9 @@ def test_peer_render_reads_a_saved_record_without_timing(tmp_path):
     assert text.count(f"| `{saved}` |") == 2 and text.count(f"| `{single}` |") == 2
     assert "| 3 | ViViT Model 2 | 1.050 (" in text and "| ours faster |" in text
     assert "| 1 | ViViT Model 2 | 0.900 | one process: no interval |" in text
+    # the machine column names the instruction set torch ran (AVX-512 may be hidden by a VM)
+    hw = bench_peer.hardware()
+    assert f"| {hw['cpu']} ({hw['cpu_capability']}) | `{hw['git_sha'][:7]}` |" in text
     assert sorted(p.name for p in summary.parent.iterdir()) == ["README.md"]  # Markdown only
 
 

@@ -10,7 +10,10 @@ code path by vendor, and on whether the CPU has AVX-512:
 - **AMD without AVX-512** (Zen 3 and older): both run AVX2, and MKL's kernels are the
   better ones.  Measured on an AMD EPYC (Zen 3, family 25 model 1), 2 cores, at DiT-S shapes:
   MKL 128-168 GFLOP/s against oneDNN 71-146, furthest ahead on the two gradients; a DiT-S/2
-  training step ran 3.33 samples/s with MKL, 2.72 with oneDNN (docs/speed.md).
+  training step ran 3.33 samples/s with MKL, 2.72 with oneDNN (docs/speed.md).  The same
+  holds on a Zen 4 VM whose hypervisor hides AVX-512 (family 25 model 17, AVX2 flags only):
+  MKL 104-151 GFLOP/s against oneDNN 85-153, ahead on every weight gradient (104-150
+  against 85-128; docs/speed.md).  The rule reads the flags, not the model, so it takes MKL.
 - **Intel**: MKL runs AVX-512 and is the faster one.  Measured on an Intel Xeon with
   AVX-512 / AMX, 2 cores, at DiT-S shapes (4096 rows): MKL 0.43-0.45 TFLOP/s forward and
   input gradient, 0.36-0.39 weight gradient; oneDNN 0.39-0.42 and 0.19-0.31.  A DiT-S/2
